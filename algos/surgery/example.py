@@ -1,0 +1,58 @@
+"""The smallest complete surgery algorithm: the template for new ones, and the subject of the core's tests.
+
+``SwapLinear`` replaces each selected ``nn.Linear`` by ``SwappedLinear``, a subclass holding the very same weights, so
+the model computes exactly what it computed before. Everything a real algorithm needs is exercised: selection, a
+converter that copies weights, skipping with a reason, the report, optimizer bookkeeping and checkpoint resume.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from algos.surgery.algorithm import SurgeryAlgorithm
+from algos.surgery.replace import SkipModule, apply_surgery
+from algos.surgery.report import SurgeryReport
+
+
+class SwappedLinear(nn.Linear):
+    """An ``nn.Linear`` that a surgery put there."""
+
+
+def to_swapped_linear(linear: nn.Linear, fqn: str, *, min_features: int = 0) -> SwappedLinear:
+    if min(linear.in_features, linear.out_features) < min_features:
+        raise SkipModule(f"min(in, out) = {min(linear.in_features, linear.out_features)} below min_features {min_features}")
+    swapped = SwappedLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                            device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        swapped.load_state_dict(linear.state_dict())
+    return swapped
+
+
+def apply_swap_linear(model: nn.Module, *, min_features: int = 0, optimizers=None, example_inputs=None,
+                      **selection) -> SurgeryReport:
+    """Functional form; ``selection`` takes ``target_modules``, ``exclude_modules``, ``filter_fn``, ``strict``."""
+    return apply_surgery(
+        model,
+        lambda module, fqn: to_swapped_linear(module, fqn, min_features=min_features),
+        algorithm="SwapLinear",
+        classes=(nn.Linear,),
+        optimizers=optimizers,
+        example_inputs=example_inputs,
+        **selection,
+    )
+
+
+class SwapLinear(SurgeryAlgorithm):
+    """Composer form of :func:`apply_swap_linear`."""
+
+    def __init__(self, *, min_features: int = 0, target_modules=None, exclude_modules=None, filter_fn=None,
+                 strict: bool = False):
+        super().__init__(target_modules=target_modules, exclude_modules=exclude_modules, filter_fn=filter_fn,
+                         strict=strict)
+        self.min_features = min_features
+
+    def surgery(self, model: nn.Module, optimizers=None) -> SurgeryReport:
+        return apply_swap_linear(model, min_features=self.min_features, optimizers=optimizers,
+                                 target_modules=self.target_modules, exclude_modules=self.exclude_modules,
+                                 filter_fn=self.filter_fn, strict=self.strict)

@@ -1,0 +1,100 @@
+"""Swap modules in place and keep the optimizer consistent: the one code path every algorithm (and resume) uses."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from composer.utils.module_surgery import replace_module_classes
+from torch import nn
+
+from algos.surgery.report import SurgeryReport, measure_macs_on_first_call
+from algos.surgery.targets import SURGERY_MARKER, FilterFn, ModuleNames, Skip, select_targets
+
+# A converter turns one selected module into its replacement, optionally with notes for the report
+# (e.g. {"rank": 64}). It raises SkipModule to leave the module alone with a reason.
+Converter = Callable[[nn.Module, str], "nn.Module | tuple[nn.Module, dict]"]
+
+
+class SkipModule(Exception):
+    """Raised by a converter to leave a module unchanged; the message becomes the report's reason."""
+
+
+def apply_surgery(
+    model: nn.Module,
+    convert: Converter,
+    *,
+    algorithm: str,
+    classes: tuple[type[nn.Module], ...],
+    target_modules: ModuleNames = None,
+    exclude_modules: ModuleNames = None,
+    filter_fn: FilterFn | None = None,
+    optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+    strict: bool = False,
+    example_inputs=None,
+) -> SurgeryReport:
+    """Select targets, convert each, swap them in, update ``optimizers``; return the report.
+
+    Converters run first for every target (so a converter error leaves the model untouched), then all swaps happen.
+    With ``example_inputs`` (a batch the model can be called with) the model runs once after surgery to fill in the
+    report's MACs per sample; otherwise MACs are filled in on the model's next forward pass.
+    """
+    targets, skipped = select_targets(
+        model,
+        classes,
+        algorithm=algorithm,
+        target_modules=target_modules,
+        exclude_modules=exclude_modules,
+        filter_fn=filter_fn,
+        strict=strict,
+    )
+    report = SurgeryReport(algorithm, skipped=list(skipped))
+    replacements: dict[str, nn.Module] = {}
+    for fqn, module in targets:
+        try:
+            converted = convert(module, fqn)
+        except SkipModule as why:
+            report.skipped.append(Skip(fqn, type(module).__name__, str(why)))
+            continue
+        new_module, notes = converted if isinstance(converted, tuple) else (converted, {})
+        setattr(new_module, SURGERY_MARKER, algorithm)
+        replacements[fqn] = new_module
+        report.add(fqn, module, new_module, notes)
+
+    replace_modules(model, replacements, optimizers)
+    measure_macs_on_first_call(report, example_inputs=example_inputs, model=model)
+    return report
+
+
+def replace_modules(
+    model: nn.Module,
+    replacements: Mapping[str, nn.Module],
+    optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+) -> None:
+    """Put ``replacements[fqn]`` where ``model.get_submodule(fqn)`` is, on the old module's device and dtype.
+
+    Composer's ``replace_module_classes`` does the swapping (it also fixes every parent of a shared module) and moves
+    old parameters' optimizer state out and new parameters into the same param group, in module order, so a
+    replayed surgery lays the optimizer out exactly like the original one.
+    """
+    if not replacements:
+        return
+    old_to_new: dict[nn.Module, nn.Module] = {}
+    for fqn, new_module in replacements.items():
+        try:
+            old_module = model.get_submodule(fqn)
+        except AttributeError:
+            raise KeyError(f"cannot replace {fqn!r}: the model has no such module") from None
+        old_to_new[old_module] = _match_device_and_dtype(new_module, old_module)
+    policies = {kind: (lambda module, _index: old_to_new.get(module)) for kind in {type(old) for old in old_to_new}}
+    replace_module_classes(model, policies=policies, optimizers=optimizers or None)
+
+
+def _match_device_and_dtype(new_module: nn.Module, old_module: nn.Module) -> nn.Module:
+    old_tensors = list(itertools.chain(old_module.parameters(), old_module.buffers()))
+    if not old_tensors:
+        return new_module
+    device = old_tensors[0].device
+    floating = [t.dtype for t in old_tensors if t.is_floating_point()]
+    return new_module.to(device=device, dtype=floating[0]) if floating else new_module.to(device=device)

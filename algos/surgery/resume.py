@@ -1,0 +1,123 @@
+"""Resume a checkpoint made with a surgery algorithm, in a Trainer that was not given that algorithm.
+
+Why this exists: Composer re-applies ``required_on_load`` algorithms on load by ``eval("algorithms." + repr)`` inside
+the ``composer.algorithms`` namespace only, so a third-party algorithm is never found and loading fails with a
+KeyError on the old weight names (and our ``Factorize`` would be mistaken for Composer's own ``Factorize``).
+
+Instead of rebuilding the algorithm from its repr, a ``SurgeryAlgorithm`` checkpoint entry records the surgery itself:
+each replaced module's name and a weightless (meta-device) copy of its replacement. Before Composer loads the weights,
+we put those copies back into the model (``replace_modules``: the same swap and optimizer bookkeeping as the original
+surgery), so the weights, optimizer state and RNG load into the architecture they were saved from. Replaying the
+record also needs no calibration data and gives the same ranks / trees the original run picked.
+
+The hook wraps ``State._apply_required_algorithms`` (mosaicml 0.32), where Composer does its own re-application.
+Loading a checkpoint unpickles the recorded modules, whose classes live in ``algos``, so importing this module (and
+with it the hook) happens even if the resuming script never imports ``algos`` itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import warnings
+
+from composer.core import Algorithm, Event, State
+from torch import nn
+
+from algos.surgery.algorithm import RECORD_KEY
+from algos.surgery.replace import replace_modules
+from algos.surgery.skeleton import materialize
+from algos.surgery.targets import SURGERY_MARKER, converted_by
+
+log = logging.getLogger(__name__)
+
+
+class ReplayedSurgery(Algorithm):
+    """Stands in ``state.algorithms`` for a surgery replayed from a checkpoint, so later checkpoints record it too.
+
+    Composer files algorithm states under the class name, so :meth:`named` makes a subclass carrying the original
+    algorithm's name: later checkpoints list it as, and ``load_exclude_algorithms`` finds it by, that name.
+    """
+
+    @classmethod
+    def named(cls, name: str, checkpoint_entry: dict) -> ReplayedSurgery:
+        return type(name, (cls,), {"__qualname__": name})(checkpoint_entry)
+
+    def __init__(self, checkpoint_entry: dict):
+        self.checkpoint_entry = checkpoint_entry
+
+    def match(self, event: Event, state: State) -> bool:
+        return False
+
+    def apply(self, event: Event, state: State, logger) -> None:
+        pass
+
+    @staticmethod
+    def required_on_load() -> bool:
+        return True
+
+    def state_dict(self) -> dict:
+        return self.checkpoint_entry
+
+    def __repr__(self) -> str:
+        return self.checkpoint_entry["repr"]
+
+
+def is_surgery_entry(entry) -> bool:
+    return isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[1], dict) and RECORD_KEY in entry[1]
+
+
+def replay_recorded_surgery(state: State, entries: list, exclude_algorithms: list[str] | None = None) -> None:
+    """Put each recorded module back where it was, unless the model already holds that algorithm's module there."""
+    current = {repr(algorithm) for algorithm in state.algorithms}
+    for name, entry in entries:
+        if exclude_algorithms and name in exclude_algorithms:
+            continue
+        replacements = {}
+        for fqn, skeleton in entry[RECORD_KEY]:
+            module = _get_submodule(state.model, fqn, entry["repr"])
+            if converted_by(module) == getattr(skeleton, SURGERY_MARKER, None):
+                continue  # the algorithm was passed again and has already run
+            replacements[fqn] = materialize(skeleton, _device_of(module))
+        if not replacements:
+            if entry["repr"] not in current:
+                warnings.warn(f"checkpoint was trained with {entry['repr']}; this Trainer has "
+                              f"{sorted(current)}: their modules must match for the weights to load")
+            continue
+        replace_modules(state.model, replacements, state.optimizers)
+        state.algorithms.append(ReplayedSurgery.named(name, entry))
+        log.info("Replayed %s from the checkpoint on %d modules", entry["repr"], len(replacements))
+
+
+def _get_submodule(model: nn.Module, fqn: str, algorithm: str) -> nn.Module:
+    try:
+        return model.get_submodule(fqn)
+    except AttributeError:
+        raise KeyError(f"checkpoint was saved after {algorithm} replaced {fqn!r}, but this model has no module "
+                       "of that name; build the Trainer from the model the checkpointed run started from") from None
+
+
+def _device_of(module: nn.Module):
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return tensor.device if tensor is not None else "cpu"
+
+
+def install() -> None:
+    """Wrap Composer's re-application of required algorithms so it replays our recorded surgeries first."""
+    original = State._apply_required_algorithms
+    if getattr(original, "replays_surgery", False):
+        return
+
+    def _apply_required_algorithms(self, state_dict, logger, exclude_algorithms=None, algorithm_passes=None):
+        entries = state_dict.get("algorithms")
+        if isinstance(entries, list) and any(is_surgery_entry(entry) for entry in entries):
+            replay_recorded_surgery(self, [e for e in entries if is_surgery_entry(e)], exclude_algorithms)
+            # Composer must not try its eval-by-name on our entries.
+            state_dict = {**state_dict, "algorithms": [e for e in entries if not is_surgery_entry(e)]}
+        return original(self, state_dict, logger, exclude_algorithms, algorithm_passes)
+
+    _apply_required_algorithms.replays_surgery = True
+    State._apply_required_algorithms = _apply_required_algorithms
+
+
+install()

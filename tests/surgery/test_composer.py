@@ -1,0 +1,153 @@
+"""The core inside a real Composer Trainer: surgery at INIT, logging, and bit-exact checkpoint resume."""
+
+import pytest
+import torch
+from composer import Trainer
+from composer.loggers import InMemoryLogger
+from torch import nn
+
+import algos
+from algos import SwapLinear
+from algos.surgery import SurgeryAlgorithm, apply_surgery
+from algos.surgery.example import SwappedLinear
+
+
+class Wrapped(nn.Module):
+    """Holds a Linear one level deeper, so its weight names differ from the original (``inner.weight``)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.inner = linear
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class WrapLinear(SurgeryAlgorithm):
+    """A third-party algorithm on the core whose checkpoints cannot load into the original architecture."""
+
+    def surgery(self, model, optimizers=None):
+        return apply_surgery(model, lambda m, fqn: Wrapped(m), algorithm=self.name, classes=(nn.Linear,),
+                             optimizers=optimizers, target_modules=self.target_modules)
+
+
+def make_trainer(model, dataloader, tmp_path, algorithms=(), load_path=None, logger=None, max_duration="4ba",
+                 **kwargs):
+    return Trainer(
+        model=model,
+        train_dataloader=dataloader,
+        optimizers=torch.optim.Adam(model.parameters(), lr=1e-2),
+        algorithms=list(algorithms),
+        max_duration=max_duration,
+        save_folder=str(tmp_path / "checkpoints"),
+        save_interval="2ba",
+        save_overwrite=True,
+        load_path=load_path,
+        loggers=[logger] if logger else [],
+        device="cpu",
+        seed=17,
+        progress_bar=False,
+        log_to_console=False,
+        **kwargs,
+    )
+
+
+def final_state(trainer):
+    model = trainer.state.model
+    optimizer = trainer.state.optimizers[0]
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [{k: v.clone() for k, v in optimizer.state[p].items()} for p in optimizer.param_groups[0]["params"]])
+
+
+def assert_same(a, b):
+    weights_a, optim_a = a
+    weights_b, optim_b = b
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert len(optim_a) == len(optim_b)
+    assert all(all(torch.equal(sa[k], sb[k]) for k in sa) for sa, sb in zip(optim_a, optim_b))
+
+
+def test_fit_runs_surgery_at_init_and_logs_report(composer_model_factory, train_dataloader, tmp_path):
+    logger = InMemoryLogger()
+    algorithm = SwapLinear(target_modules=["0"])
+    trainer = make_trainer(composer_model_factory(), train_dataloader, tmp_path, [algorithm], logger=logger,
+                           max_duration="2ba")
+    assert isinstance(trainer.state.model.module[0], SwappedLinear)  # at INIT, before fit
+    assert isinstance(trainer.state.model.module[3], nn.Linear) and not isinstance(trainer.state.model.module[3],
+                                                                                    SwappedLinear)
+    optimizer_params = trainer.state.optimizers[0].param_groups[0]["params"]
+    assert any(p is trainer.state.model.module[0].weight for p in optimizer_params)
+    trainer.fit()
+    (report,) = algorithm.reports
+    assert report.measured and report.replaced[0].macs_before == 16 * 32
+    assert logger.hyperparameters["surgery/SwapLinear/macs_after"] == 16 * 32
+    assert logger.hyperparameters["surgery/SwapLinear/params_before"] == 16 * 32 + 32
+    assert int(trainer.state.timestamp.batch) == 2
+
+
+@pytest.mark.parametrize("algorithm_class", [SwapLinear, WrapLinear])
+@pytest.mark.parametrize("pass_algorithm_again", [False, True])
+def test_resume_is_bit_exact(composer_model_factory, train_dataloader, tmp_path, algorithm_class,
+                             pass_algorithm_again):
+    straight = make_trainer(composer_model_factory(), train_dataloader, tmp_path, [algorithm_class()])
+    straight.fit()
+    expected = final_state(straight)
+    expected_types = [type(m) for m in straight.state.model.module]
+
+    again = [algorithm_class()] if pass_algorithm_again else []
+    resumed = make_trainer(composer_model_factory(), train_dataloader, tmp_path / "resumed", again,
+                           load_path=str(tmp_path / "checkpoints" / "ep0-ba2-rank0.pt"))
+    assert [type(m) for m in resumed.state.model.module] == expected_types
+    assert int(resumed.state.timestamp.batch) == 2
+    resumed.fit()
+    assert int(resumed.state.timestamp.batch) == 4
+    assert_same(final_state(resumed), expected)
+    # A checkpoint written by the resumed run records the surgery too: resume from it once more.
+    twice = make_trainer(composer_model_factory(), train_dataloader, tmp_path / "twice",
+                         load_path=str(tmp_path / "resumed" / "checkpoints" / "ep0-ba4-rank0.pt"), max_duration="4ba")
+    assert [type(m) for m in twice.state.model.module] == expected_types
+    assert_same(final_state(twice), expected)
+
+
+def test_excluding_the_algorithm_on_load_leaves_the_original_architecture(composer_model_factory, train_dataloader,
+                                                                         tmp_path):
+    make_trainer(composer_model_factory(), train_dataloader, tmp_path, [WrapLinear()]).fit()
+    with pytest.raises(KeyError, match="module.0.weight"):  # what any third-party surgery hits without the replay
+        make_trainer(composer_model_factory(), train_dataloader, tmp_path / "excluded",
+                     load_path=str(tmp_path / "checkpoints" / "ep0-ba2-rank0.pt"),
+                     load_exclude_algorithms=["WrapLinear"])
+
+
+def test_repr_is_evaluable_and_required_on_load():
+    algorithm = SwapLinear(min_features=8, target_modules=["0", "3"], exclude_modules=r"head\..*")
+    assert repr(algorithm) == "SwapLinear(min_features=8, target_modules=['0', '3'], exclude_modules='head\\\\..*')"
+    assert repr(eval(repr(algorithm), vars(algos))) == repr(algorithm)
+    assert repr(SwapLinear()) == "SwapLinear()"
+    assert SwapLinear.required_on_load()
+    assert "filter_fn=tests.surgery.test_composer.test_repr_is_evaluable_and_required_on_load.<locals>.<lambda>" \
+        in repr(SwapLinear(filter_fn=lambda m, fqn: True))
+
+
+def test_resume_in_a_process_that_never_imports_algos(composer_model_factory, train_dataloader, tmp_path):
+    """Loading the checkpoint unpickles the recorded modules, which imports algos and with it the replay hook."""
+    import subprocess
+    import sys
+    import textwrap
+
+    make_trainer(composer_model_factory(), train_dataloader, tmp_path, [SwapLinear()]).fit()
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from torch import nn
+        from composer import Trainer
+        from composer.models import ComposerClassifier
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 4))
+        assert "algos" not in sys.modules
+        trainer = Trainer(model=ComposerClassifier(net, num_classes=4), device="cpu", progress_bar=False,
+                          load_path={str(tmp_path / "checkpoints" / "ep0-ba4-rank0.pt")!r})
+        print([type(m).__name__ for m in trainer.state.model.module])
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "['SwappedLinear', 'ReLU', 'Dropout', 'SwappedLinear']" in result.stdout
