@@ -21,7 +21,8 @@ class SwappedLinear(nn.Linear):
 
 def to_swapped_linear(linear: nn.Linear, fqn: str, *, min_features: int = 0) -> SwappedLinear:
     if min(linear.in_features, linear.out_features) < min_features:
-        raise SkipModule(f"min(in, out) = {min(linear.in_features, linear.out_features)} below min_features {min_features}")
+        smallest = min(linear.in_features, linear.out_features)
+        raise SkipModule(f"min(in, out) = {smallest} below min_features {min_features}")
     swapped = SwappedLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                             device=linear.weight.device, dtype=linear.weight.dtype)
     with torch.no_grad():

@@ -64,7 +64,8 @@ class ReplayedSurgery(Algorithm):
 
 
 def is_surgery_entry(entry) -> bool:
-    return isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[1], dict) and RECORD_KEY in entry[1]
+    """A Composer checkpoint's ``(name, state)`` algorithm entry written by a SurgeryAlgorithm."""
+    return isinstance(entry, (tuple, list)) and len(entry) == 2 and RECORD_KEY in (entry[1] or {})
 
 
 def replay_recorded_surgery(state: State, entries: list, exclude_algorithms: list[str] | None = None) -> None:
@@ -82,7 +83,7 @@ def replay_recorded_surgery(state: State, entries: list, exclude_algorithms: lis
         if not replacements:
             if entry["repr"] not in current:
                 warnings.warn(f"checkpoint was trained with {entry['repr']}; this Trainer has "
-                              f"{sorted(current)}: their modules must match for the weights to load")
+                              f"{sorted(current)}: their modules must match for the weights to load", stacklevel=2)
             continue
         replace_modules(state.model, replacements, state.optimizers)
         state.algorithms.append(ReplayedSurgery.named(name, entry))

@@ -40,7 +40,7 @@ class Skip:
 
 
 def name_matches(fqn: str, names: ModuleNames) -> bool:
-    """PEFT's rule: a list matches an exact name or a ``.suffix``; a string is a regex that must match the whole name."""
+    """PEFT's rule: a list matches an exact name or a ``.suffix``; a string is a regex matching the whole name."""
     if names is None:
         return False
     if isinstance(names, str):
@@ -118,7 +118,7 @@ def select_targets(
         message += f", {len(skipped)} excluded or filtered)" if skipped else ")"
         if strict:
             raise ValueError(f"{message}; candidates: {_describe_candidates(model)}.")
-        warnings.warn(NoEffectWarning(f"{message}; the model is unchanged."))
+        warnings.warn(NoEffectWarning(f"{message}; the model is unchanged."), stacklevel=3)
     return targets, skipped
 
 

@@ -65,7 +65,7 @@ def assert_same(a, b):
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert len(optim_a) == len(optim_b)
-    assert all(all(torch.equal(sa[k], sb[k]) for k in sa) for sa, sb in zip(optim_a, optim_b))
+    assert all(all(torch.equal(sa[k], sb[k]) for k in sa) for sa, sb in zip(optim_a, optim_b, strict=True))
 
 
 def test_fit_runs_surgery_at_init_and_logs_report(composer_model_factory, train_dataloader, tmp_path):

@@ -7,8 +7,11 @@ from algos.surgery.targets import SURGERY_MARKER
 
 
 def model() -> nn.Module:
-    block = lambda: nn.ModuleDict({"query": nn.Linear(4, 4), "value": nn.Linear(4, 4), "out": nn.Linear(4, 8)})
-    return nn.ModuleDict({"layers": nn.ModuleList([block(), block()]), "head": nn.Linear(8, 2), "conv": nn.Conv1d(2, 2, 3)})
+    def block():
+        return nn.ModuleDict({"query": nn.Linear(4, 4), "value": nn.Linear(4, 4), "out": nn.Linear(4, 8)})
+
+    layers = nn.ModuleList([block(), block()])
+    return nn.ModuleDict({"layers": layers, "head": nn.Linear(8, 2), "conv": nn.Conv1d(2, 2, 3)})
 
 
 ALL_LINEARS = ["layers.0.query", "layers.0.value", "layers.0.out", "layers.1.query", "layers.1.value",
