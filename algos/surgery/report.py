@@ -118,22 +118,23 @@ def measure_macs_on_first_call(report: SurgeryReport, *, example_inputs=None, mo
     with a meta-device input of the same shape, so it costs no memory and no time. With ``example_inputs`` the model
     runs once right away (eval mode, no grad); otherwise the model's next forward pass does it.
     """
-    handles: list[RemovableHandle] = []
-    for fqn, (old_skeleton, new_module) in list(report._unmeasured.items()):
-        handles.append(new_module.register_forward_pre_hook(_measure_hook(report, fqn, old_skeleton), with_kwargs=True))
+    handles: dict[str, RemovableHandle] = {}
+    for fqn, (old_skeleton, new_module) in report._unmeasured.items():
+        hook = _measure_hook(report, fqn, old_skeleton, handles)
+        handles[fqn] = new_module.register_forward_pre_hook(hook, with_kwargs=True)
     if example_inputs is not None and model is not None and handles:
         with eval_mode(model):
             call_model(model, example_inputs)
-        for handle in handles:  # modules the example did not reach stay unmeasured
+        for handle in handles.values():  # modules the example did not reach stay unmeasured
             handle.remove()
         report._unmeasured.clear()
 
 
-def _measure_hook(report: SurgeryReport, fqn: str, old_skeleton: nn.Module):
+def _measure_hook(report: SurgeryReport, fqn: str, old_skeleton: nn.Module, handles: dict[str, RemovableHandle]):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if fqn not in report._unmeasured:
-            return
-        del report._unmeasured[fqn]  # first call only; also stops the measuring call below from recursing
+        # First call only: unhooking first also keeps the measuring call below from recursing.
+        handles.pop(fqn).remove()
+        del report._unmeasured[fqn]
         args, kwargs = _first_sample((args, kwargs))
         row = next(row for row in report.replaced if row.fqn == fqn)
         with eval_mode(module):

@@ -46,6 +46,7 @@ def test_macs_filled_on_next_forward_when_no_example_is_given():
     model.train()
     model(torch.randn(2, 3, 4, 4)).sum().backward()  # a training step does the measuring
     assert report.measured and model.training and all(m.training for m in model.modules())
+    assert not model.proj._forward_pre_hooks and not model.head._forward_pre_hooks  # measuring hooks are gone
     rows = {row.fqn: row for row in report.replaced}
     assert (rows["head"].macs_before, rows["head"].macs_after) == (8 * 16 * 2, 8 * (16 * 4 + 4 * 2))
     model(torch.randn(2, 3, 4, 4))
