@@ -6,8 +6,9 @@ import inspect
 import logging
 from abc import abstractmethod
 
-from composer.core import Algorithm, Event, State
+from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
+from composer.utils import dist
 from torch import nn
 
 from algos.surgery.report import SurgeryReport
@@ -21,50 +22,86 @@ RECORD_KEY = "algos_surgery_record"
 
 
 class SurgeryAlgorithm(Algorithm):
-    """Rewrites modules of ``state.model`` at ``Event.INIT``: before checkpoint loading, DDP wrapping and compiling,
-    with the optimizer already built (it is kept consistent).
+    """Rewrites modules of ``state.model`` once, by default at ``Event.INIT``: before checkpoint loading, DDP
+    wrapping and compiling, with the optimizer already built (it is kept consistent).
+
+    ``apply_at`` (a Composer time such as ``"2ep"``, ``"500ba"``, ``"0.5dur"``) moves the surgery to the first
+    batch or epoch end at or after that time, on the model trained so far; the optimizer keeps the state of the
+    parameters that stay and starts fresh for the new ones. An algorithm that needs calibration batches (its
+    ``calibration_needed`` is > 0) draws them from the train dataloader, which Composer sets after INIT, so it runs
+    at ``Event.FIT_START`` at the earliest. Surgery after INIT would rewrite a DDP-wrapped model, so it is
+    refused at construction when more than one process runs.
 
     A subclass implements :meth:`surgery` (usually one call to ``apply_surgery`` with its converter) and keeps each
-    ``__init__`` argument in an attribute of the same name, from which ``repr`` is built.
+    ``__init__`` argument in an attribute of the same name, from which ``repr`` is built; it sets those attributes
+    before calling ``super().__init__``, which reads ``calibration_needed``.
 
     The checkpoint entry records what was put where (weightless copies), so a run resumes from it in a Trainer built
     from the original model with no algorithm passed: see ``algos.surgery.resume``.
     """
 
-    event = Event.INIT
-
     def __init__(
         self,
         *,
+        apply_at: str | Time | None = None,
         target_modules: ModuleNames = None,
         exclude_modules: ModuleNames = None,
         filter_fn: FilterFn | None = None,
         strict: bool = False,
     ):
+        self.apply_at = apply_at
         self.target_modules = target_modules
         self.exclude_modules = exclude_modules
         self.filter_fn = filter_fn
         self.strict = strict
+        self._apply_at_time = _parse_time(apply_at, self.name)
+        if (self._apply_at_time is not None or self.calibration_needed) and dist.get_world_size() > 1:
+            when = f"apply_at={apply_at!r}" if apply_at is not None else "calibration from the train dataloader"
+            raise ValueError(f"{self.name}: {when} rewrites the model after DDP wraps it, which is not supported "
+                             f"with {dist.get_world_size()} processes; apply it at INIT (apply_at=None) without "
+                             f"calibration, or run in one process.")
         self.reports: list[SurgeryReport] = []
         self._record: list[tuple[str, nn.Module]] = []
         self._unlogged: list[SurgeryReport] = []
+        self._done = False
 
     @property
     def name(self) -> str:
         return type(self).__name__
 
+    @property
+    def calibration_needed(self) -> int:
+        """How many train batches :meth:`surgery` wants as calibration (0: none)."""
+        return 0
+
     @abstractmethod
-    def surgery(self, model: nn.Module, optimizers=None) -> SurgeryReport:
-        """Rewrite ``model`` in place, keep ``optimizers`` consistent, return the report."""
+    def surgery(self, model: nn.Module, optimizers=None, calibration=None) -> SurgeryReport:
+        """Rewrite ``model`` in place, keep ``optimizers`` consistent, return the report. ``calibration`` is an
+        iterable of batches for the model (drawn lazily from the train dataloader) when the subclass asked for it."""
 
     def match(self, event: Event, state: State) -> bool:
-        return event == self.event or (event == Event.BATCH_END and bool(self._unlogged))
+        return self._due(event, state) or (event == Event.BATCH_END and bool(self._unlogged))
+
+    def _due(self, event: Event, state: State) -> bool:
+        if self._done:
+            return False
+        when = self._apply_at_time
+        if when is None:
+            return event == (Event.FIT_START if self.calibration_needed else Event.INIT)
+        if event not in (Event.BATCH_END, Event.EPOCH_END):
+            return False
+        if when.unit == TimeUnit.DURATION:
+            elapsed = state.get_elapsed_duration()
+            return elapsed is not None and elapsed >= when
+        return state.timestamp.get(when.unit) >= when
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event == Event.BATCH_END:
+        if not self._due(event, state):
             self._log_reports(logger)
             return
-        report = self.surgery(state.model, optimizers=state.optimizers)
+        self._done = True
+        calibration = _dataloader_batches(state, self.calibration_needed) if self.calibration_needed else None
+        report = self.surgery(state.model, optimizers=state.optimizers, calibration=calibration)
         self.reports.append(report)
         self._record += [(row.fqn, meta_copy(state.model.get_submodule(row.fqn))) for row in report.replaced]
         self._unlogged.append(report)
@@ -97,6 +134,26 @@ class SurgeryAlgorithm(Algorithm):
             shown = f"{value.__module__}.{value.__qualname__}" if callable(value) else repr(value)
             arguments.append(f"{name}={shown}")
         return f"{self.name}({', '.join(arguments)})"
+
+
+def _parse_time(apply_at, name: str) -> Time | None:
+    if apply_at is None or isinstance(apply_at, Time):
+        return apply_at
+    try:
+        return Time.from_input(apply_at)
+    except (ValueError, TypeError):
+        raise ValueError(f"{name}: apply_at={apply_at!r} is not a Composer time; use None (INIT) or a string such as "
+                         f"'2ep', '500ba', '0.5dur'.") from None
+
+
+def _dataloader_batches(state: State, count: int):
+    """Up to ``count`` batches of the train dataloader on the training device, drawn only when iterated."""
+    if state.train_dataloader is None:
+        raise ValueError("calibration needs the Trainer's train_dataloader, and none was given")
+    for index, batch in enumerate(state.train_dataloader):
+        if index >= count:
+            return
+        yield state.device.batch_to_device(batch)
 
 
 def _comparable(value) -> bool:

@@ -47,13 +47,13 @@ def apply_swap_linear(model: nn.Module, *, min_features: int = 0, optimizers=Non
 class SwapLinear(SurgeryAlgorithm):
     """Composer form of :func:`apply_swap_linear`."""
 
-    def __init__(self, *, min_features: int = 0, target_modules=None, exclude_modules=None, filter_fn=None,
-                 strict: bool = False):
-        super().__init__(target_modules=target_modules, exclude_modules=exclude_modules, filter_fn=filter_fn,
-                         strict=strict)
+    def __init__(self, *, min_features: int = 0, apply_at=None, target_modules=None, exclude_modules=None,
+                 filter_fn=None, strict: bool = False):
+        super().__init__(apply_at=apply_at, target_modules=target_modules, exclude_modules=exclude_modules,
+                         filter_fn=filter_fn, strict=strict)
         self.min_features = min_features
 
-    def surgery(self, model: nn.Module, optimizers=None) -> SurgeryReport:
+    def surgery(self, model: nn.Module, optimizers=None, calibration=None) -> SurgeryReport:
         return apply_swap_linear(model, min_features=self.min_features, optimizers=optimizers,
                                  target_modules=self.target_modules, exclude_modules=self.exclude_modules,
                                  filter_fn=self.filter_fn, strict=self.strict)

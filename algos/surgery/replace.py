@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
+from composer.algorithms.warnings import NoEffectWarning
 from composer.utils.module_surgery import replace_module_classes
 from torch import nn
 
 from algos.surgery.report import SurgeryReport, measure_macs_on_first_call
-from algos.surgery.targets import SURGERY_MARKER, FilterFn, ModuleNames, Skip, select_targets
+from algos.surgery.targets import SURGERY_MARKER, FilterFn, ModuleNames, Skip, any_already_converted, select_targets
 
 # A converter turns one selected module into its replacement, optionally with notes for the report
 # (e.g. {"rank": 64}). It raises SkipModule to leave the module alone with a reason.
@@ -33,9 +35,12 @@ def apply_surgery(
     optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
     strict: bool = False,
     example_inputs=None,
+    prepare: Callable[[list[tuple[str, nn.Module]]], None] | None = None,
 ) -> SurgeryReport:
     """Select targets, convert each, swap them in, update ``optimizers``; return the report.
 
+    ``prepare(targets)``, when given, runs once with every ``(fqn, module)`` target before any conversion: the place
+    for work that needs all targets at once (calibration passes, a budget shared across layers).
     Converters run first for every target (so a converter error leaves the model untouched), then all swaps happen.
     With ``example_inputs`` (a batch the model can be called with) the model runs once after surgery to fill in the
     report's MACs per sample; otherwise MACs are filled in on the model's next forward pass.
@@ -50,6 +55,8 @@ def apply_surgery(
         strict=strict,
     )
     report = SurgeryReport(algorithm, skipped=list(skipped))
+    if prepare is not None and targets:
+        prepare(targets)
     replacements: dict[str, nn.Module] = {}
     for fqn, module in targets:
         try:
@@ -61,6 +68,12 @@ def apply_surgery(
         setattr(new_module, SURGERY_MARKER, algorithm)
         replacements[fqn] = new_module
         report.add(fqn, module, new_module, notes)
+    if targets and not replacements and not any_already_converted(skipped):
+        message = (f"{algorithm}: all {len(targets)} selected modules were skipped "
+                   f"(e.g. {report.skipped[-1].fqn}: {report.skipped[-1].reason})")
+        if strict:
+            raise ValueError(message + ".")
+        warnings.warn(NoEffectWarning(message + "; the model is unchanged."), stacklevel=2)
 
     replace_modules(model, replacements, optimizers)
     measure_macs_on_first_call(report, example_inputs=example_inputs, model=model)

@@ -72,8 +72,8 @@ def replay_recorded_surgery(state: State, entries: list, exclude_algorithms: lis
     """Put each recorded module back where it was, unless the model already holds that algorithm's module there."""
     current = {repr(algorithm) for algorithm in state.algorithms}
     for name, entry in entries:
-        if exclude_algorithms and name in exclude_algorithms:
-            continue
+        if (exclude_algorithms and name in exclude_algorithms) or not entry[RECORD_KEY]:
+            continue  # excluded, or an algorithm that changed nothing (e.g. passed again to a resumed run)
         replacements = {}
         for fqn, skeleton in entry[RECORD_KEY]:
             module = _get_submodule(state.model, fqn, entry["repr"])

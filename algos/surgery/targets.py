@@ -39,6 +39,11 @@ class Skip:
     reason: str
 
 
+def any_already_converted(skipped: list[Skip]) -> bool:
+    """True if a skip says an earlier application of the same algorithm is in place (a repeat, not a no-op)."""
+    return any(skip.reason.startswith("already converted by ") for skip in skipped)
+
+
 def name_matches(fqn: str, names: ModuleNames) -> bool:
     """PEFT's rule: a list matches an exact name or a ``.suffix``; a string is a regex matching the whole name."""
     if names is None:
@@ -111,8 +116,7 @@ def select_targets(
             targets.append((fqn, module))
             do_not_descend.append(fqn)
 
-    already_done = any(skip.reason.startswith("already converted") for skip in skipped)
-    if not targets and not already_done:
+    if not targets and not any_already_converted(skipped):
         wanted = "/".join(cls.__name__ for cls in classes)
         message = f"{algorithm}: no {wanted} module selected (target_modules={target_modules!r}"
         message += f", {len(skipped)} excluded or filtered)" if skipped else ")"

@@ -7,7 +7,7 @@ from composer.loggers import InMemoryLogger
 from torch import nn
 
 import algos
-from algos import SwapLinear
+from algos import Factorize, SwapLinear
 from algos.surgery import SurgeryAlgorithm, apply_surgery
 from algos.surgery.example import SwappedLinear
 
@@ -26,7 +26,7 @@ class Wrapped(nn.Module):
 class WrapLinear(SurgeryAlgorithm):
     """A third-party algorithm on the core whose checkpoints cannot load into the original architecture."""
 
-    def surgery(self, model, optimizers=None):
+    def surgery(self, model, optimizers=None, calibration=None):
         return apply_surgery(model, lambda m, fqn: Wrapped(m), algorithm=self.name, classes=(nn.Linear,),
                              optimizers=optimizers, target_modules=self.target_modules)
 
@@ -86,7 +86,17 @@ def test_fit_runs_surgery_at_init_and_logs_report(composer_model_factory, train_
     assert int(trainer.state.timestamp.batch) == 2
 
 
-@pytest.mark.parametrize("algorithm_class", [SwapLinear, WrapLinear])
+ALGORITHMS = {
+    "SwapLinear": SwapLinear,
+    "WrapLinear": WrapLinear,
+    "SwapLinear-at-1ba": lambda: SwapLinear(apply_at="1ba"),
+    "Factorize": lambda: Factorize(rank=4, min_features=1),
+    "Factorize-activation": lambda: Factorize(init="activation", calibration_batches=2, min_features=1),
+    "Factorize-at-1ba": lambda: Factorize(rank=4, min_features=1, apply_at="1ba"),
+}
+
+
+@pytest.mark.parametrize("algorithm_class", ALGORITHMS.values(), ids=ALGORITHMS.keys())
 @pytest.mark.parametrize("pass_algorithm_again", [False, True])
 def test_resume_is_bit_exact(composer_model_factory, train_dataloader, tmp_path, algorithm_class,
                              pass_algorithm_again):

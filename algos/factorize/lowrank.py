@@ -1,0 +1,138 @@
+"""The math: truncated SVD, activation-aware (whitened) SVD, and the rank policies.
+
+Plain SVD (Eckart-Young): W = P diag(s) Q^T, and the best rank-r approximation in Frobenius norm is
+    W_r = P_r diag(s_r) Q_r^T,    ||W - W_r||_F^2 = sum_{i>r} s_i^2.
+We split the singular values evenly between the factors: U = P_r diag(sqrt(s_r)), V = diag(sqrt(s_r)) Q_r^T.
+
+Activation-aware (SVD-LLM, Wang et al. 2024; ASVD, Yuan et al. 2023 scale by activations in the same spirit):
+what matters is the error on real inputs x, E||(W - W') x||^2 = ||(W - W') L||_F^2 where C = E[x x^T] = L L^T
+(Cholesky). So take the SVD of the whitened weight, W L = P diag(s) Q^T, truncate it, and undo the whitening:
+    U = P_r diag(sqrt(s_r)),   V = diag(sqrt(s_r)) Q_r^T L^{-1},
+which is the optimal rank-r W' for those inputs; the relative output error is sqrt(sum_{i>r} s_i^2 / sum_i s_i^2).
+C gets damping * mean(diag C) added to its diagonal, so directions the calibration never excited stay close to W.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Decomposition:
+    """SVD of W (or of the whitened W L): ``left`` P (d_out x k), ``singular_values`` s (k,), ``right`` Q^T (k x d_in),
+    with the whitening already undone in ``right`` (Q^T L^{-1})."""
+
+    left: torch.Tensor
+    singular_values: torch.Tensor
+    right: torch.Tensor
+    whitened: bool = False
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V) with U V the rank-``rank`` approximation; singular values split as sqrt between the two."""
+        root = self.singular_values[:rank].sqrt()
+        return self.left[:, :rank] * root, root[:, None] * self.right[:rank]
+
+    def relative_error(self, rank: int) -> float:
+        """||W - U V|| / ||W|| (on the calibration inputs when whitened), from the discarded singular values."""
+        energy = self.singular_values.double().square()
+        total = energy.sum().item()
+        return math.sqrt(energy[rank:].sum().item() / total) if total > 0 else 0.0
+
+
+def decompose(weight: torch.Tensor, covariance: torch.Tensor | None = None, damping: float = 0.01) -> Decomposition:
+    """Decompose a d_out x d_in ``weight``; with the input second moment ``covariance`` (d_in x d_in), whitened."""
+    if covariance is None:
+        left, values, right = torch.linalg.svd(weight.float(), full_matrices=False)
+        return Decomposition(left, values, right)
+    weight64 = weight.double()
+    covariance = covariance.double()
+    covariance = covariance + damping * covariance.diagonal().mean() * torch.eye(len(covariance), dtype=torch.float64,
+                                                                                device=covariance.device)
+    cholesky = torch.linalg.cholesky(covariance)  # C = L L^T
+    left, values, right = torch.linalg.svd(weight64 @ cholesky, full_matrices=False)
+    unwhitened = torch.linalg.solve_triangular(cholesky, right, upper=False, left=False)  # Q^T L^{-1}
+    return Decomposition(left.float(), values.float(), unwhitened.float(), whitened=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rank policies. Every layer is described by its matrix shape (d_in, d_out), its spectrum, and how many output
+# positions one sample produces (tokens for a Linear, H_out * W_out for a Conv2d), which is what MACs scale with.
+
+
+def break_even_rank(d_in: int, d_out: int) -> float:
+    """Above this rank, r (d_in + d_out) >= d_in d_out: the factorized layer costs at least the dense one."""
+    return d_in * d_out / (d_in + d_out)
+
+
+def round_rank(rank: int, multiple: int, limit: int) -> int:
+    """Round up to a multiple of ``multiple`` (tensor-core friendly), never above ``limit`` = min(d_in, d_out)."""
+    return min(math.ceil(rank / multiple) * multiple, limit)
+
+
+def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
+    """Smallest r with sum_{i<=r} s_i^2 >= energy * sum_i s_i^2."""
+    squares = singular_values.double().square()
+    cumulative = squares.cumsum(0) / squares.sum()
+    return min(int((cumulative < energy - 1e-12).sum().item()) + 1, len(singular_values))
+
+
+@dataclass
+class BudgetLayer:
+    d_in: int
+    d_out: int
+    positions: int
+    singular_values: torch.Tensor
+
+
+def allocate_mac_budget(layers: list[BudgetLayer], budget: float, multiple: int) -> list[int | None]:
+    """Ranks keeping at most ``budget`` of the layers' dense MACs, spent where they cut the truncation error most.
+
+    Every layer starts at the smallest rank (``multiple``) and grows in steps of ``multiple``; each step goes to the
+    layer whose relative squared error drops most per MAC spent (greedy on a concave gain, as singular values
+    decrease). A layer whose next step reaches break-even goes dense instead (None: keep the dense layer).
+    """
+    dense = [layer.d_in * layer.d_out * layer.positions for layer in layers]
+    per_rank = [(layer.d_in + layer.d_out) * layer.positions for layer in layers]
+    remaining_energy = []
+    for layer in layers:
+        squares = layer.singular_values.double().square()
+        tail = squares.flip(0).cumsum(0).flip(0) / squares.sum()  # tail[r] = relative error^2 at rank r
+        remaining_energy.append(torch.cat([tail, tail.new_zeros(1)]).tolist())
+
+    ranks: list[int | None] = []
+    for layer, cost_per_rank, dense_cost in zip(layers, per_rank, dense, strict=True):
+        start = min(multiple, min(layer.d_in, layer.d_out))
+        ranks.append(None if start * cost_per_rank >= dense_cost else start)
+    cost = [full if rank is None else rank * c for rank, c, full in zip(ranks, per_rank, dense, strict=True)]
+    allowed = budget * sum(dense)
+    if sum(cost) > allowed * (1 + 1e-9):
+        raise ValueError(f"mac_budget={budget} cannot be met: rank {multiple} in every targeted layer already keeps "
+                         f"{sum(cost) / sum(dense):.1%} of their MACs; raise mac_budget or lower rank_multiple.")
+    spare = allowed - sum(cost)
+
+    def next_step(index: int):
+        rank, layer = ranks[index], layers[index]
+        grown = min(rank + multiple, min(layer.d_in, layer.d_out))
+        if grown == rank or grown * per_rank[index] >= dense[index]:  # next step: keep the layer dense
+            return remaining_energy[index][rank], dense[index] - rank * per_rank[index], None
+        return remaining_energy[index][rank] - remaining_energy[index][grown], (grown - rank) * per_rank[index], grown
+
+    heap = []
+    for index, rank in enumerate(ranks):
+        if rank is not None:
+            gain, step_cost, grown = next_step(index)
+            heapq.heappush(heap, (-gain / step_cost, index, step_cost, grown))
+    while heap:
+        _, index, step_cost, grown = heapq.heappop(heap)
+        if step_cost > spare:
+            continue  # this layer stops here; cheaper steps of other layers may still fit
+        spare -= step_cost
+        ranks[index] = grown
+        if grown is not None:
+            gain, step_cost, grown = next_step(index)
+            heapq.heappush(heap, (-gain / step_cost, index, step_cost, grown))
+    return ranks
