@@ -1,0 +1,102 @@
+"""Factorize inside a Composer Trainer: INIT, FIT_START calibration from the dataloader, a later time, DDP refusal."""
+
+import pytest
+import torch
+from composer.core import Algorithm, Event
+from composer.utils import dist
+
+import algos
+from algos import Factorize, FactorizedLinear
+from tests.surgery.test_composer import make_trainer
+
+
+class OptimizerWatch(Algorithm):
+    """Snapshots the optimizer state of every parameter at each batch end; placed before and after Factorize in
+    ``algorithms`` (Composer runs them in order), it sees the state right before and right after the surgery."""
+
+    def __init__(self):
+        self.snapshots = []
+
+    def match(self, event, state):
+        return event == Event.BATCH_END
+
+    def apply(self, event, state, logger):
+        optimizer = state.optimizers[0]
+        in_groups = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self.snapshots.append({id(p): {k: v.clone() for k, v in optimizer.state[p].items()} if p in optimizer.state
+                               else None for p in state.model.parameters() if id(p) in in_groups})
+
+
+def test_at_init_factorizes_before_fit_and_trains(composer_model_factory, train_dataloader, tmp_path):
+    algorithm = Factorize(rank=8, min_features=1)
+    trainer = make_trainer(composer_model_factory(), train_dataloader, tmp_path, [algorithm], max_duration="2ba")
+    assert isinstance(trainer.state.model.module[0], FactorizedLinear)
+    trainer.fit()
+    (report,) = algorithm.reports
+    assert [row.fqn for row in report.replaced] == ["module.0"] and report.replaced[0].notes["rank"] == 8
+    assert "break-even" in report.skipped[0].reason  # module.3: 32 -> 4
+
+
+def test_activation_init_calibrates_on_the_train_dataloader_at_fit_start(composer_model_factory, train_dataloader,
+                                                                         tmp_path):
+    algorithm = Factorize(rank=8, init="activation", calibration_batches=3, min_features=1)
+    trainer = make_trainer(composer_model_factory(), train_dataloader, tmp_path, [algorithm], max_duration="2ba")
+    assert type(trainer.state.model.module[0]) is torch.nn.Linear  # no dataloader at INIT yet
+    trainer.fit()
+    assert isinstance(trainer.state.model.module[0], FactorizedLinear)
+    (report,) = algorithm.reports
+    assert "init" not in report.replaced[0].notes  # calibration reached the layer: whitened, not the SVD fallback
+
+
+def test_later_time_keeps_optimizer_state_for_untouched_params_and_starts_new_ones_fresh(
+        composer_model_factory, train_dataloader, tmp_path):
+    watch_before, watch_after = OptimizerWatch(), OptimizerWatch()
+    algorithm = Factorize(rank=8, min_features=1, apply_at="2ba")
+    model = composer_model_factory()
+    old_ids = {id(p) for p in model.module[0].parameters()}
+    trainer = make_trainer(model, train_dataloader, tmp_path, [watch_before, algorithm, watch_after],
+                           max_duration="3ba")
+    trainer.fit()
+    assert isinstance(model.module[0], FactorizedLinear)
+    before, after = watch_before.snapshots[1], watch_after.snapshots[1]  # batch 2's end, around the surgery
+    assert old_ids <= set(before) and not old_ids & set(after)  # the dense weights left the optimizer
+    kept = [id(p) for p in model.module[3].parameters()]
+    for key in kept:  # the untouched layer keeps its Adam moments and step count exactly
+        assert before[key].keys() == after[key].keys() and before[key]
+        assert all(torch.equal(before[key][name], after[key][name]) for name in before[key])
+    new_ids = {id(p) for p in model.module[0].parameters()}
+    assert new_ids <= set(after) and all(after[key] is None for key in new_ids)  # in the optimizer, no state yet
+    assert all(watch_after.snapshots[2][key] for key in new_ids)  # created by their first step
+    assert int(trainer.state.timestamp.batch) == 3
+
+
+def test_later_time_as_epochs_and_duration(composer_model_factory, train_dataloader, tmp_path):
+    for apply_at, duration in (("1ep", "10ba"), ("0.5dur", "4ba")):
+        algorithm = Factorize(rank=8, min_features=1, apply_at=apply_at)
+        trainer = make_trainer(composer_model_factory(), train_dataloader, tmp_path / apply_at, [algorithm],
+                               max_duration=duration)
+        trainer.fit()
+        assert isinstance(trainer.state.model.module[0], FactorizedLinear)
+        assert len(algorithm.reports) == 1
+
+
+def test_refuses_surgery_after_ddp_wrapping_when_multi_process(monkeypatch):
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    Factorize()  # at INIT: fine under DDP
+    with pytest.raises(ValueError, match="apply_at='2ep' rewrites the model after DDP wraps it.*2 processes"):
+        Factorize(apply_at="2ep")
+    with pytest.raises(ValueError, match="calibration from the train dataloader rewrites the model after DDP"):
+        Factorize(init="activation")
+
+
+def test_bad_arguments_fail_at_construction():
+    with pytest.raises(ValueError, match="apply_at='2epochs' is not a Composer time"):
+        Factorize(apply_at="2epochs")
+    with pytest.raises(ValueError, match=r"energy=2 must be in \(0, 1\]"):
+        Factorize(energy=2)
+
+
+def test_repr_round_trips():
+    algorithm = Factorize(rank=64, init="activation", apply_at="1ep", target_modules=["query", "value"])
+    assert repr(algorithm) == "Factorize(rank=64, init='activation', apply_at='1ep', target_modules=['query', 'value'])"
+    assert repr(eval(repr(algorithm), vars(algos))) == repr(algorithm)
