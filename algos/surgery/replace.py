@@ -102,6 +102,49 @@ def replace_modules(
         old_to_new[old_module] = _match_device_and_dtype(new_module, old_module)
     policies = {kind: (lambda module, _index: old_to_new.get(module)) for kind in {type(old) for old in old_to_new}}
     replace_module_classes(model, policies=policies, optimizers=optimizers or None)
+    new_parameters = {p for new in old_to_new.values() for p in new.parameters()}
+    for optimizer in _as_list(optimizers):
+        start_optimizer_state(optimizer, new_parameters)
+
+
+def start_optimizer_state(optimizer: torch.optim.Optimizer, parameters: set[torch.nn.Parameter]) -> None:
+    """Give new ``parameters`` zero optimizer state, if the optimizer already holds state for the others.
+
+    Why: Composer saves and loads optimizers through torch.distributed.checkpoint, which expects state for every
+    parameter once any has some. Parameters a surgery adds in mid-training have none until their first step, so a
+    checkpoint saved in between would not load. We create it as torch's own ``_init_optim_state`` does (a step with
+    zero gradients and lr 0, here with only the new parameters holding gradients) and zero it: exactly the state
+    Adam-family optimizers create lazily (moments 0, step 0), and SGD's without dampening.
+    """
+    grouped = [p for group in optimizer.param_groups for p in group["params"]]
+    new = [p for p in grouped if p in parameters and p not in optimizer.state and p.requires_grad]
+    if not optimizer.state or not new:
+        return  # no state yet: every parameter gets it on the first step, as usual
+    grads = {p: p.grad for p in grouped}
+    rates = [group["lr"] for group in optimizer.param_groups]
+    try:
+        for p in grouped:
+            p.grad = torch.zeros_like(p) if p in parameters else None
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(0.0) if isinstance(group["lr"], torch.Tensor) else 0.0
+        optimizer.step()
+    finally:
+        for group, rate in zip(optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        for p, grad in grads.items():
+            p.grad = grad
+    for p in new:
+        for key, value in optimizer.state[p].items():
+            if isinstance(value, torch.Tensor):
+                value.zero_()
+            elif isinstance(value, (int, float)):
+                optimizer.state[p][key] = type(value)(0)
+
+
+def _as_list(optimizers) -> list[torch.optim.Optimizer]:
+    if optimizers is None:
+        return []
+    return [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
 
 
 def _match_device_and_dtype(new_module: nn.Module, old_module: nn.Module) -> nn.Module:

@@ -157,19 +157,27 @@ def test_conv_activation_init_and_report_columns():
     assert row.macs_before == 64 * 64 * 9 * 25 and row.macs_after == 16 * (64 * 9 + 64) * 25
 
 
-def test_optimizer_swaps_old_parameters_for_new_ones():
+def test_optimizer_swaps_old_parameters_for_new_ones_with_fresh_state():
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model(torch.randn(2, 64)).sum().backward()
     optimizer.step()
-    kept = model[2].weight
+    kept, kept_state = model[2].weight, {k: v.clone() for k, v in optimizer.state[model[2].weight].items()}
     apply_factorization(model, rank=8, min_features=1, target_modules=["0"], optimizers=optimizer)
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert in_optimizer == {id(p) for p in model.parameters()}
-    assert kept in optimizer.state and model[0].first.weight not in optimizer.state
+    assert all(torch.equal(optimizer.state[kept][k], v) for k, v in kept_state.items())  # untouched
+    new = model[0].first.weight
+    assert all(not value.any() for value in optimizer.state[new].values())  # moments and step all zero
+    # ... which is exactly a fresh Adam: the next step moves the new weight as a new optimizer would
+    optimizer.zero_grad()
     model(torch.randn(2, 64)).sum().backward()
+    twin = nn.Parameter(new.detach().clone())
+    twin.grad = new.grad.clone()
+    torch.optim.Adam([twin], lr=1e-3).step()
     optimizer.step()
-    assert model[0].first.weight in optimizer.state
+    assert torch.equal(new, twin)
 
 
 @pytest.mark.parametrize(

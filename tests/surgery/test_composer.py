@@ -93,6 +93,8 @@ ALGORITHMS = {
     "Factorize": lambda: Factorize(rank=4, min_features=1),
     "Factorize-activation": lambda: Factorize(init="activation", calibration_batches=2, min_features=1),
     "Factorize-at-1ba": lambda: Factorize(rank=4, min_features=1, apply_at="1ba"),
+    # surgery at the very batch end the checkpoint is saved: new parameters not stepped yet
+    "Factorize-at-2ba": lambda: Factorize(rank=4, min_features=1, apply_at="2ba"),
 }
 
 

@@ -1,0 +1,157 @@
+"""Factorize benchmark: forward throughput of factorized vs dense models, side by side in one process, and accuracy
+right after surgery against Composer's own Factorize. Prints markdown for docs/BENCHMARKS.md.
+
+    .venv/bin/python benchmarks/factorize.py                 # all three parts
+    .venv/bin/python benchmarks/factorize.py --parts accuracy --repeats 3
+
+(a) BERT-base encoder (HF BertModel from config) at batch 32 x 128, its Linears at 25% rank.
+(b) torchvision ResNet-50 at batch 8 x 224^2, its convs with >= 256 channels at 25% rank.
+(c) A 64-512-512-10 MLP trained on scikit-learn's digits, then factorized: accuracy right after surgery.
+Composer's ``apply_factorization`` (same latent fraction, same minimum width) is the peer row in each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import warnings
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from algos import apply_factorization  # noqa: E402
+from algos.bench import markdown_table, median, time_interleaved  # noqa: E402
+from algos.surgery.report import count_macs, count_params  # noqa: E402
+
+
+def composer_factorization(model: nn.Module, *, min_width: int, fraction: float, convs: bool, linears: bool):
+    from composer.algorithms.factorize import apply_factorization as composer_apply
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        composer_apply(model, factorize_convs=convs, factorize_linears=linears, min_channels=min_width,
+                       latent_channels=fraction, min_features=min_width, latent_features=fraction)
+    return model
+
+
+def speed_rows(title: str, dense: nn.Module, variants: dict[str, nn.Module], example, per_sample, batch: int,
+               repeats: int) -> str:
+    """Median forward time of each model on ``example``; ratios against dense; params and MACs per sample."""
+    models = {"dense": dense, **variants}
+    for model in models.values():
+        model.eval()
+
+    def forward(model):
+        def run():
+            with torch.inference_mode():
+                model(**example) if isinstance(example, dict) else model(example)
+        return run
+
+    times = time_interleaved({name: forward(model) for name, model in models.items()}, repeats=repeats)
+    base = median(times["dense"])
+    rows = []
+    for name, model in models.items():
+        args = (per_sample,) if not isinstance(per_sample, dict) else ()
+        kwargs = per_sample if isinstance(per_sample, dict) else {}
+        rows.append([name, f"{count_params(model) / 1e6:.1f} M", f"{count_macs(model, args, kwargs) / 1e9:.2f} G",
+                     f"{median(times[name]) * 1e3:.0f} ms", f"{batch / median(times[name]):.1f}",
+                     f"{base / median(times[name]):.2f}x"])
+    headers = ["model", "params", "MACs/sample", "median forward", "samples/s", "speed-up vs dense"]
+    return f"### {title}\n\n" + markdown_table(headers, rows) + "\n"
+
+
+def bert(repeats: int) -> str:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    dense = BertModel(BertConfig(), add_pooling_layer=False)  # BERT-base: 12 x 768, FFN 3072 (random weights)
+    ours = copy.deepcopy(dense)
+    report = apply_factorization(ours, rank=0.25, min_features=256)
+    peer = composer_factorization(copy.deepcopy(dense), min_width=256, fraction=0.25, convs=False, linears=True)
+    tokens = torch.randint(0, 30522, (32, 128))
+    example = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
+    per_sample = {key: value[:1] for key, value in example.items()}
+    title = (f"BERT-base encoder, batch 32 x 128, Linears at 25% rank ({len(report.replaced)} replaced, "
+             f"{len(report.skipped)} skipped)")
+    return speed_rows(title, dense, {"ours (svd, rank 0.25)": ours, "Composer apply_factorization (0.25)": peer},
+                      example, per_sample, 32, repeats)
+
+
+def resnet(repeats: int) -> str:
+    import torchvision
+
+    torch.manual_seed(0)
+    dense = torchvision.models.resnet50()
+    ours = copy.deepcopy(dense)
+    report = apply_factorization(ours, rank=0.25, min_channels=256, exclude_modules=["fc"])
+    peer = composer_factorization(copy.deepcopy(dense), min_width=256, fraction=0.25, convs=True, linears=False)
+    images = torch.randn(8, 3, 224, 224)
+    title = (f"ResNet-50, batch 8 x 224^2, convs with >= 256 channels at 25% rank ({len(report.replaced)} replaced, "
+             f"{len(report.skipped)} skipped)")
+    return speed_rows(title, dense, {"ours (svd, rank 0.25)": ours, "Composer apply_factorization (0.25)": peer},
+                      images, images[:1], 8, repeats)
+
+
+def accuracy(steps: int = 400) -> str:
+    from algos.run.data import digits_dataloaders
+
+    torch.manual_seed(0)
+    train, val = digits_dataloaders(batch_size=64)
+    dense = nn.Sequential(nn.Flatten(), nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                          nn.Linear(512, 10))
+    optimizer = torch.optim.Adam(dense.parameters(), lr=1e-3)
+    step = 0
+    while step < steps:
+        for images, labels in train:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(dense(images), labels).backward()
+            optimizer.step()
+            step += 1
+            if step == steps:
+                break
+
+    def val_accuracy(model):
+        model.eval()
+        with torch.no_grad():
+            correct = sum((model(x).argmax(1) == y).sum().item() for x, y in val)
+        return correct / len(val.dataset)
+
+    calibration = [images for images, _ in train][:8]
+    rows = [["dense (trained)", "-", f"{val_accuracy(dense):.3f}"]]
+    for rank in (128, 32, 8):
+        variants = {
+            "ours, init=svd": lambda m, rank=rank: apply_factorization(m, rank=rank, min_features=256),
+            "ours, init=activation": lambda m, rank=rank: apply_factorization(m, rank=rank, init="activation",
+                                                                   calibration=calibration, min_features=256),
+            "Composer apply_factorization": lambda m, rank=rank: composer_factorization(m, min_width=256, fraction=rank,
+                                                                             convs=False, linears=True),
+        }
+        for name, surgery in variants.items():
+            model = copy.deepcopy(dense)
+            surgery(model)
+            rows.append([name, f"{rank} of 512", f"{val_accuracy(model):.3f}"])
+    title = (f"Accuracy right after surgery: 64-512-512-10 MLP trained {steps} steps on scikit-learn digits "
+             f"(360 held-out images); the 512 x 512 layer is factorized")
+    return f"### {title}\n\n" + markdown_table(["surgery", "rank", "val accuracy, no fine-tuning"], rows) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="bert,resnet,accuracy", help="comma-separated: bert, resnet, accuracy")
+    parser.add_argument("--repeats", type=int, default=5, help="timed forward passes per model (median reported)")
+    args = parser.parse_args()
+    parts = {"bert": lambda: bert(args.repeats), "resnet": lambda: resnet(args.repeats), "accuracy": accuracy}
+    unknown = set(args.parts.split(",")) - parts.keys()
+    if unknown:
+        parser.error(f"unknown part(s) {sorted(unknown)}; choose from {sorted(parts)}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU\n")
+    for name in args.parts.split(","):
+        print(parts[name]())
+
+
+if __name__ == "__main__":
+    main()
