@@ -1,0 +1,90 @@
+"""Modules that stand where an attention module stood and call FourierMixing with the signature its parent uses.
+
+* HF BERT family: the whole ``BertAttention`` (self-attention + ``BertSelfOutput``) becomes
+  ``LayerNorm(x + dropout(mix(x)))`` with the pretrained LayerNorm moved over. FNet has no output projection, so
+  replacing the whole sublayer removes Q, K, V *and* O, and it is what FNet's encoder block is; keeping
+  ``BertSelfOutput`` would keep an O projection FNet never had.
+* ``nn.MultiheadAttention`` called as self-attention (torchvision ViT ``EncoderBlock``, ``nn.TransformerEncoderLayer``):
+  returns ``(out, None)`` like ``need_weights=False``; it also disables PyTorch's fused encoder fast path, which
+  would read the attention's projection weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from algos.fnet.mixing import FourierMixing
+
+
+def keep_mask(mask: torch.Tensor | None, length: int, *, bool_true_means_pad: bool = False) -> torch.Tensor | None:
+    """(batch, T) bool, True for real tokens, from the masks attention modules receive:
+    an HF 0/1 integer mask; an additive float mask (0 keep, very negative drop) of shape (B, T), (B, 1, 1, T) or
+    (B, 1, T, T) (eager and sdpa BERT); a bool mask (True = attend, or True = pad for ``key_padding_mask``)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        keep = ~mask if bool_true_means_pad else mask
+    elif mask.is_floating_point():
+        keep = mask > torch.finfo(mask.dtype).min / 2
+    else:
+        keep = mask != 0
+    if keep.dim() == 4:  # (B, heads or 1, queries or 1, keys): a key is real if any query may attend to it
+        keep = keep.any(dim=-2).any(dim=1)
+    return keep.reshape(keep.shape[0], -1)[:, -length:]
+
+
+class FourierBertAttention(nn.Module):
+    """Replaces an HF ``BertAttention``: out = LayerNorm(x + dropout(mix(x))), returned as HF's tuple."""
+
+    def __init__(self, mixing: FourierMixing, layer_norm: nn.LayerNorm, dropout: float, is_decoder: bool = False):
+        super().__init__()
+        self.mixing = mixing
+        self.LayerNorm = layer_norm  # the pretrained one, under its HF name
+        self.dropout = nn.Dropout(dropout)
+        self.is_decoder = is_decoder
+
+    def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, past_key_value=None, output_attentions=False, **kwargs):
+        keep = keep_mask(attention_mask, hidden_states.shape[1]) if self.mixing.padding == "mask" else None
+        out = self.LayerNorm(hidden_states + self.dropout(self.mixing(hidden_states, keep)))
+        outputs = (out,) + ((None,) if output_attentions else ())
+        return outputs + ((None,) if self.is_decoder else ())  # a decoder layer reads a KV cache slot last: none
+
+
+class FourierSelfAttention(nn.Module):
+    """Replaces an ``nn.MultiheadAttention`` used as self-attention: ``forward(q, k, v, ...) -> (mix(q), None)``."""
+
+    def __init__(self, mixing: FourierMixing, batch_first: bool, embed_dim: int):
+        super().__init__()
+        self.mixing = mixing
+        self.batch_first = batch_first
+        self.embed_dim = embed_dim
+        # Read by nn.TransformerEncoder(Layer) to decide on the fused fast path: these keep it off.
+        self._qkv_same_embed_dim = False
+        self.in_proj_bias = None
+
+    def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not (_same_tensor(key, query) and _same_tensor(value, query)):
+            raise ValueError("FourierSelfAttention: called with key/value different from query (cross-attention); "
+                             "Fourier mixing only replaces self-attention.")
+        if (attn_mask is not None or is_causal) and not self.mixing.causal:
+            raise ValueError("FourierSelfAttention: got an attn_mask / is_causal, which non-causal mixing cannot "
+                             "honour; use causal=True for a causal mask.")
+        x = query if self.batch_first or query.dim() == 2 else query.transpose(0, 1)
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(0)
+        keep = None
+        if self.mixing.padding == "mask" and key_padding_mask is not None:
+            keep = keep_mask(key_padding_mask.reshape(x.shape[0], -1), x.shape[1], bool_true_means_pad=True)
+        out = self.mixing(x, keep)
+        out = out.squeeze(0) if unbatched else out
+        return (out if self.batch_first or unbatched else out.transpose(0, 1)), None
+
+
+def _same_tensor(other: torch.Tensor | None, query: torch.Tensor) -> bool:
+    """``other`` is the query itself (or an identical view of the same storage, e.g. both cut to one sample)."""
+    return other is None or other is query or (
+        other.shape == query.shape and other.stride() == query.stride() and other.data_ptr() == query.data_ptr())

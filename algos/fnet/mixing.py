@@ -1,0 +1,126 @@
+"""Fourier token mixing (FNet, Lee-Thorp et al. 2021): y = Re(FFT_seq(FFT_hidden(x))), no parameters.
+
+For x of shape (batch, T, D), with F_N the N-point DFT matrix F_N[t, s] = exp(-2 pi i t s / N) = C_N - i S_N
+(C = cos, S = sin), the mixing is Re(F_T x F_D) = C_T x C_D - S_T x S_D. Three implementations compute it:
+
+* ``fft``:  torch.fft.fft2 and the real part (the paper).
+* ``rfft``: x is real, so its hidden-axis spectrum is Hermitian and half of it is enough: G = FFT_seq(RFFT_hidden(x))
+  gives columns k <= D/2, and Re Y[t, k] = Re Y[-t mod T, D - k] fills in the rest (about half the work).
+* ``dft``:  two GEMMs, x @ [C_D | S_D] then [C_T | -S_T] @ (stacked halves): real arithmetic only, any length and
+  dtype, so it traces for torch.compile / ONNX, and it becomes causal by masking C_T and S_T to lower triangles
+  (output t then depends on inputs s <= t only; FNetAR-style).
+
+Padding: with ``padding="mask"`` the padded positions are zeroed and the sequence axis is transformed at a fixed
+length N = ``max_length`` (zero-extended; the output is cropped back to T), so a real token's output does not depend
+on how much padding its batch carries. Causal mixing also uses the fixed N, so a prefix's outputs never change as
+the sequence grows. ``norm="ortho"`` scales by 1 / sqrt(N D), which keeps the output's scale that of the input
+(pre-LN blocks need it); ``"backward"`` (no scaling) is the paper's.
+
+torch.fft has no fp16/bf16 on CPU and only power-of-two lengths in fp16 on CUDA, so every implementation computes
+in float32 and casts back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMPLS = ("fft", "rfft", "dft")
+NORMS = ("backward", "ortho")
+PADDINGS = ("ignore", "mask")
+
+
+def check_mixing_arguments(*, impl: str, causal: bool, norm: str | None, padding: str, max_length: int | None,
+                           who: str = "FNetMixing") -> None:
+    """One-line errors for bad mixing arguments (``norm=None`` means: chosen per target)."""
+    if impl not in IMPLS:
+        raise ValueError(f"{who}: impl={impl!r} is not one of {', '.join(map(repr, IMPLS))}.")
+    if norm is not None and norm not in NORMS:
+        raise ValueError(f"{who}: norm={norm!r} is not one of {', '.join(map(repr, NORMS))} (or None: per target).")
+    if padding not in PADDINGS:
+        raise ValueError(f"{who}: padding={padding!r} is not one of {', '.join(map(repr, PADDINGS))}.")
+    if causal and impl != "dft":
+        raise ValueError(f"{who}: causal=True runs on impl='dft' (lower-triangular DFT matrices); got impl={impl!r}.")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"{who}: max_length={max_length!r} must be an int >= 1.")
+
+
+class FourierMixing(nn.Module):
+    """Parameter-free token mixing; ``forward(x, keep=None)`` with x (batch, T, D) and ``keep`` (batch, T) bool,
+    True for real tokens (used with ``padding="mask"``)."""
+
+    def __init__(self, impl: str = "fft", *, causal: bool = False, norm: str = "backward", padding: str = "ignore",
+                 max_length: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        check_mixing_arguments(impl=impl, causal=causal, norm=norm, padding=padding, max_length=max_length,
+                               who="FourierMixing")
+        if (causal or padding == "mask") and max_length is None:
+            raise ValueError("FourierMixing: causal=True and padding='mask' mix at a fixed length; pass max_length.")
+        self.impl, self.causal, self.norm, self.padding, self.max_length = impl, causal, norm, padding, max_length
+        self.dropout = nn.Dropout(dropout)
+        self._matrices: dict = {}  # (T, N, D, device) -> DFT matrices for impl="dft"; rebuilt on demand, not saved
+
+    def extra_repr(self) -> str:
+        return (f"impl={self.impl!r}, causal={self.causal}, norm={self.norm!r}, padding={self.padding!r}, "
+                f"max_length={self.max_length}")
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        length = x.shape[-2]
+        period = self.max_length if (self.causal or self.padding == "mask") else length
+        if length > period:
+            raise ValueError(f"FourierMixing: sequence length {length} exceeds max_length {period}.")
+        h = x.float()
+        if keep is not None and self.padding == "mask":
+            h = h * keep[..., None].to(h.dtype)
+        if self.impl == "dft":
+            y = self._dft(h, period)
+        else:
+            padded = F.pad(h, (0, 0, 0, period - length)) if period > length else h
+            y = (_fft_mix(padded, self.norm) if self.impl == "fft" else _rfft_mix(padded, self.norm))[..., :length, :]
+        return self.dropout(y.to(x.dtype))
+
+    def _dft(self, h: torch.Tensor, period: int) -> torch.Tensor:
+        length, width = h.shape[-2], h.shape[-1]
+        key = (length, period, width, h.device)
+        if key not in self._matrices:
+            self._matrices[key] = _dft_matrices(length, period, width, self.causal, self.norm, h.device)
+        hidden, sequence = self._matrices[key]
+        z = h @ hidden                                             # (B, T, 2D) = [x C_D | x S_D]
+        stacked = torch.cat([z[..., :width], z[..., width:]], dim=-2)  # (B, 2T, D)
+        return sequence @ stacked                                  # [C_T | -S_T] @ [x C_D ; x S_D]
+
+
+def _fft_mix(h: torch.Tensor, norm: str) -> torch.Tensor:
+    return torch.fft.fft2(h, dim=(-2, -1), norm=norm).real
+
+
+def _rfft_mix(h: torch.Tensor, norm: str) -> torch.Tensor:
+    length, width = h.shape[-2], h.shape[-1]
+    half = torch.fft.fft(torch.fft.rfft(h, dim=-1, norm=norm), dim=-2, norm=norm).real  # columns 0 .. D // 2
+    # Re Y[t, k] = Re Y[-t mod T, D - k] for the columns k = D//2 + 1 .. D - 1
+    columns = torch.arange(width - width // 2 - 1, 0, -1, device=h.device)
+    rows = (-torch.arange(length, device=h.device)) % length
+    rest = half[..., rows, :][..., columns]
+    return torch.cat([half, rest], dim=-1)
+
+
+def _dft_matrices(length: int, period: int, width: int, causal: bool, norm: str, device):
+    """([C_D | S_D] of shape (D, 2D), [C_T | -S_T] of shape (T, 2T)) in float32, the sequence part built on an
+    N = ``period`` point basis, lower-triangular when causal, scaled for ``norm``."""
+
+    def cos_sin(rows: int, columns: int, points: int):
+        # t * s reduced mod N before scaling, so long sequences keep full precision
+        angle = 2 * math.pi * (torch.outer(torch.arange(rows), torch.arange(columns)) % points).double() / points
+        return angle.cos(), angle.sin()
+
+    cos_d, sin_d = cos_sin(width, width, width)
+    cos_t, sin_t = cos_sin(length, length, period)
+    if causal:
+        cos_t, sin_t = cos_t.tril(), sin_t.tril()
+    scale = 1 / math.sqrt(period * width) if norm == "ortho" else 1.0
+    hidden = torch.cat([cos_d, sin_d], dim=1)
+    sequence = torch.cat([cos_t, -sin_t], dim=1) * scale
+    return hidden.float().to(device), sequence.float().to(device)
