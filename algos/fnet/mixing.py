@@ -4,8 +4,9 @@ For x of shape (batch, T, D), with F_N the N-point DFT matrix F_N[t, s] = exp(-2
 (C = cos, S = sin), the mixing is Re(F_T x F_D) = C_T x C_D - S_T x S_D. Three implementations compute it:
 
 * ``fft``:  torch.fft.fft2 and the real part (the paper).
-* ``rfft``: x is real, so its hidden-axis spectrum is Hermitian and half of it is enough: G = FFT_seq(RFFT_hidden(x))
-  gives columns k <= D/2, and Re Y[t, k] = Re Y[-t mod T, D - k] fills in the rest (about half the work).
+* ``rfft``: x is real, so its spectrum is Hermitian and half of it is enough: torch.fft.rfft2 gives the columns
+  k <= D/2, and Re Y[t, k] = Re Y[-t mod T, D - k] fills in the rest with a flip and a roll (no complex output of
+  full size is ever built).
 * ``dft``:  two GEMMs, x @ [C_D | S_D] then [C_T | -S_T] @ (stacked halves): real arithmetic only, any length and
   dtype, so it traces for torch.compile / ONNX, and it becomes causal by masking C_T and S_T to lower triangles
   (output t then depends on inputs s <= t only; FNetAR-style).
@@ -98,12 +99,11 @@ def _fft_mix(h: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def _rfft_mix(h: torch.Tensor, norm: str) -> torch.Tensor:
-    length, width = h.shape[-2], h.shape[-1]
-    half = torch.fft.fft(torch.fft.rfft(h, dim=-1, norm=norm), dim=-2, norm=norm).real  # columns 0 .. D // 2
-    # Re Y[t, k] = Re Y[-t mod T, D - k] for the columns k = D//2 + 1 .. D - 1
-    columns = torch.arange(width - width // 2 - 1, 0, -1, device=h.device)
-    rows = (-torch.arange(length, device=h.device)) % length
-    rest = half[..., rows, :][..., columns]
+    width = h.shape[-1]
+    half = torch.fft.rfft2(h, dim=(-2, -1), norm=norm).real  # columns k = 0 .. D // 2
+    # Re Y[t, k] = Re Y[-t mod T, D - k] for the columns k = D//2 + 1 .. D - 1: source columns D//2 - ... 1
+    # reversed, rows t -> -t mod T (flip, then roll by one)
+    rest = torch.roll(half[..., 1:width - width // 2].flip(-1).flip(-2), 1, dims=-2)
     return torch.cat([half, rest], dim=-1)
 
 
