@@ -99,7 +99,8 @@ def replace_modules(
             old_module = model.get_submodule(fqn)
         except AttributeError:
             raise KeyError(f"cannot replace {fqn!r}: the model has no such module") from None
-        old_to_new[old_module] = _match_device_and_dtype(new_module, old_module)
+        # same device, dtype and train/eval mode as the module it replaces (a new module is built in train mode)
+        old_to_new[old_module] = _match_device_and_dtype(new_module, old_module).train(old_module.training)
     policies = {kind: (lambda module, _index: old_to_new.get(module)) for kind in {type(old) for old in old_to_new}}
     replace_module_classes(model, policies=policies, optimizers=optimizers or None)
     new_parameters = {p for new in old_to_new.values() for p in new.parameters()}

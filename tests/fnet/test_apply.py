@@ -193,3 +193,18 @@ def test_repr_round_trips():
     algorithm = FNetMixing(impl="dft", causal=True, keep_attention_layers=[-2, -1], max_length=128)
     assert repr(eval(repr(algorithm), vars(algos))) == repr(algorithm)
     assert copy.deepcopy(algorithm).keep_attention_layers == [-2, -1]
+
+
+def test_roberta_attention_is_swapped_too():
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    model = RobertaModel(RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=64, max_position_embeddings=40)).eval()
+    report = apply_fnet_mixing(model, padding="mask")
+    assert [row.old_type for row in report.replaced] == ["RobertaAttention"] * 2
+    ids = torch.randint(3, 100, (1, 9))
+    short = model(input_ids=ids).last_hidden_state
+    padded = model(input_ids=torch.cat([ids, torch.ones(1, 4, dtype=torch.long)], 1),
+                   attention_mask=torch.cat([torch.ones(1, 9), torch.zeros(1, 4)], 1).long()).last_hidden_state
+    torch.testing.assert_close(padded[:, :9], short, rtol=1e-4, atol=1e-4)

@@ -97,3 +97,11 @@ def test_shared_module_is_replaced_in_every_parent():
 def test_replace_modules_names_a_missing_module():
     with pytest.raises(KeyError, match="'nope': the model has no such module"):
         replace_modules(net(), {"nope": nn.Linear(1, 1)})
+
+
+def test_new_modules_take_the_train_or_eval_mode_of_the_module_they_replace():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model.eval()
+    model[1].train()  # a mixed tree: each replacement follows its own predecessor
+    apply_swap_linear(model)
+    assert [m.training for m in model] == [False, True]
