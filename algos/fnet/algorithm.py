@@ -128,10 +128,7 @@ def to_fourier(module: nn.Module, fqn: str, parent: nn.Module | None, *, impl, c
         mixing = FourierMixing(impl, causal=causal, norm=norm, padding=padding, max_length=max_length,
                                dropout=dropout)
         new = FourierSelfAttention(mixing, batch_first=module.batch_first, embed_dim=module.embed_dim)
-    notes = {"impl": impl, "norm": norm}
-    if impl != "dft":  # torch.utils.flop_counter has no formula for FFTs: MACs after are the rest of the sublayer
-        notes["MACs"] = "FFT not counted"
-    return new, notes
+    return new, {"impl": impl, "norm": norm}
 
 
 def _kept_layers(fqns: list[str], keep) -> set[str]:

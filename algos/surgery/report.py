@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -98,6 +99,32 @@ class SurgeryReport:
         """Counts and totals as hyperparameters, the rows as a table (for loggers that keep tables)."""
         logger.log_hyperparameters({f"surgery/{self.algorithm}/{key}": value for key, value in self.totals().items()})
         logger.log_table(self.columns, self.table_rows(), name=f"surgery/{self.algorithm}")
+
+
+def _register_fft_flop_formulas() -> None:
+    """torch.utils.flop_counter has no formula for FFTs, so Fourier mixing would count as free. We add one with the
+    usual convention (FFTW's): a complex FFT of length n costs 5 n log2(n) flops, a real-input or real-output one
+    half of that; a multi-dimensional transform sums over its dimensions. Skipped if torch ever ships its own."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    aten = torch.ops.aten
+    if any(op in flop_registry for op in (aten._fft_r2c, aten._fft_c2c, aten._fft_c2r)):
+        return
+
+    def fft_flops(numel: int, shape, dims, factor: float) -> int:
+        return int(factor * numel * sum(math.log2(shape[d]) for d in dims if shape[d] > 1))
+
+    @register_flop_formula(aten._fft_c2c)
+    def _c2c(x_shape, dim, *args, out_shape=None, **kwargs) -> int:
+        return fft_flops(math.prod(x_shape), x_shape, dim, 5.0)
+
+    @register_flop_formula([aten._fft_r2c, aten._fft_c2r])
+    def _real(x_shape, dim, *args, out_shape=None, **kwargs) -> int:
+        real_shape = out_shape if math.prod(out_shape) >= math.prod(x_shape) else x_shape  # the real side
+        return fft_flops(math.prod(real_shape), real_shape, dim, 2.5)
+
+
+_register_fft_flop_formulas()
 
 
 def count_params(module: nn.Module) -> int:
