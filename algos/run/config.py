@@ -1,0 +1,63 @@
+"""Run configuration: YAML files merged left to right with omegaconf, then ``key=value`` overrides.
+
+A base YAML describes a whole run; recipe YAMLs are fragments merged on top (usually an ``algorithms:`` entry).
+Overrides may only change keys that exist after the merge, so a typo is an error rather than a silently ignored
+setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from algos.run.registry import ConfigError
+
+SECTIONS = ("run", "model", "data", "optimizer", "scheduler", "algorithms", "trainer", "loggers", "callbacks")
+
+
+def load_config(paths: list[str], overrides: list[str] = ()) -> DictConfig:
+    """Merge the YAML files in order, apply dotlist ``overrides``, check the top-level sections."""
+    if not paths:
+        raise ConfigError("no config given: pass a base YAML (see yamls/) and optionally recipes (see recipes/)")
+    layers = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path!r} does not exist")
+        try:
+            loaded = OmegaConf.load(path)
+        except (OmegaConfBaseException, ValueError) as error:  # yaml errors surface as ValueError subclasses
+            raise ConfigError(f"{path}: not a valid YAML mapping ({str(error).splitlines()[0]})") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: expected a mapping of sections, got a {type(loaded).__name__}")
+        layers.append(loaded)
+    config = OmegaConf.merge(*layers)
+    _check_sections(config, " + ".join(paths))
+    OmegaConf.set_struct(config, True)
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} is not key=value (e.g. trainer.max_duration=2ep)")
+        try:
+            config.merge_with_dotlist([override])
+        except OmegaConfBaseException:
+            key = override.split("=", 1)[0]
+            raise ConfigError(f"override {override!r}: no key {key!r} in the merged config; existing keys under "
+                              f"{_parent_key(key)!r}: {', '.join(_keys_at(config, _parent_key(key)))}") from None
+    OmegaConf.set_struct(config, False)
+    return config
+
+
+def _check_sections(config: DictConfig, where: str) -> None:
+    unknown = [key for key in config if key not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {', '.join(map(repr, unknown))}; valid: {', '.join(SECTIONS)}")
+
+
+def _parent_key(key: str) -> str:
+    return key.rpartition(".")[0]
+
+
+def _keys_at(config: DictConfig, key: str) -> list[str]:
+    node = OmegaConf.select(config, key) if key else config
+    return [str(k) for k in node] if isinstance(node, DictConfig) else []

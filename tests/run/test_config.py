@@ -1,0 +1,53 @@
+"""Config merging, overrides and registries: the errors a user sees before any training starts."""
+
+import pytest
+
+from algos.run.config import load_config
+from algos.run.registry import ConfigError, Registry
+
+
+@pytest.fixture
+def yamls(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("model:\n  name: mlp\n  hidden: 64\ntrainer:\n  max_duration: 3ep\n  seed: 0\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("algorithms:\n  factorize:\n    rank: 0.25\nmodel:\n  hidden: 128\n")
+    return base, recipe
+
+
+def test_merge_left_to_right_then_overrides(yamls):
+    base, recipe = yamls
+    config = load_config([str(base), str(recipe)], ["trainer.max_duration=1ep", "algorithms.factorize.rank=16"])
+    assert config.model.hidden == 128 and config.model.name == "mlp"
+    assert config.trainer.max_duration == "1ep" and config.algorithms.factorize.rank == 16
+
+
+def test_config_errors_name_the_key_or_file(yamls, tmp_path):
+    base, _ = yamls
+    with pytest.raises(ConfigError, match=r"config file '.*missing.yaml' does not exist"):
+        load_config([str(tmp_path / "missing.yaml")])
+    with pytest.raises(ConfigError, match=r"no key 'trainer.max_duraton' .*existing keys under 'trainer': "
+                                          r"max_duration, seed"):
+        load_config([str(base)], ["trainer.max_duraton=2ep"])
+    with pytest.raises(ConfigError, match="is not key=value"):
+        load_config([str(base)], ["trainer.max_duration"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modle:\n  name: mlp\n")
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) 'modle'; valid: run, model, data"):
+        load_config([str(bad)])
+
+
+def test_registry_errors_list_the_choices():
+    models = Registry("model")
+
+    @models.register("mlp")
+    def mlp(*, hidden: int = 32, depth: int = 2):
+        return ("mlp", hidden, depth)
+
+    assert models.build("mlp", {"hidden": 8}, "model") == ("mlp", 8, 2)
+    with pytest.raises(ConfigError, match="model: unknown model 'resnet'; registered: mlp"):
+        models.build("resnet", {}, "model")
+    with pytest.raises(ConfigError, match=r"model.mlp: unknown key\(s\) 'width'; valid: hidden, depth"):
+        models.build("mlp", {"width": 3}, "model")
+    with pytest.raises(ValueError, match="already registered"):
+        models.register("mlp", mlp)
