@@ -24,7 +24,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from algos import apply_factorization  # noqa: E402
-from algos.bench import markdown_table, median, time_interleaved  # noqa: E402
+from algos.bench import markdown_table, run_parts, time_forward  # noqa: E402
 from algos.surgery.report import count_macs, count_params  # noqa: E402
 
 
@@ -42,24 +42,14 @@ def speed_rows(title: str, dense: nn.Module, variants: dict[str, nn.Module], exa
                repeats: int) -> str:
     """Median forward time of each model on ``example``; ratios against dense; params and MACs per sample."""
     models = {"dense": dense, **variants}
-    for model in models.values():
-        model.eval()
-
-    def forward(model):
-        def run():
-            with torch.inference_mode():
-                model(**example) if isinstance(example, dict) else model(example)
-        return run
-
-    times = time_interleaved({name: forward(model) for name, model in models.items()}, repeats=repeats)
-    base = median(times["dense"])
+    seconds = time_forward(models, example, repeats=repeats)
     rows = []
     for name, model in models.items():
         args = (per_sample,) if not isinstance(per_sample, dict) else ()
         kwargs = per_sample if isinstance(per_sample, dict) else {}
         rows.append([name, f"{count_params(model) / 1e6:.1f} M", f"{count_macs(model, args, kwargs) / 1e9:.2f} G",
-                     f"{median(times[name]) * 1e3:.0f} ms", f"{batch / median(times[name]):.1f}",
-                     f"{base / median(times[name]):.2f}x"])
+                     f"{seconds[name] * 1e3:.0f} ms", f"{batch / seconds[name]:.1f}",
+                     f"{seconds['dense'] / seconds[name]:.2f}x"])
     headers = ["model", "params", "MACs/sample", "median forward", "samples/s", "speed-up vs dense"]
     return f"### {title}\n\n" + markdown_table(headers, rows) + "\n"
 
@@ -141,16 +131,9 @@ def accuracy(steps: int = 400) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="bert,resnet,accuracy", help="comma-separated: bert, resnet, accuracy")
     parser.add_argument("--repeats", type=int, default=5, help="timed forward passes per model (median reported)")
-    args = parser.parse_args()
-    parts = {"bert": lambda: bert(args.repeats), "resnet": lambda: resnet(args.repeats), "accuracy": accuracy}
-    unknown = set(args.parts.split(",")) - parts.keys()
-    if unknown:
-        parser.error(f"unknown part(s) {sorted(unknown)}; choose from {sorted(parts)}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU\n")
-    for name in args.parts.split(","):
-        print(parts[name]())
+    run_parts(parser, {"bert": lambda args: bert(args.repeats), "resnet": lambda args: resnet(args.repeats),
+                       "accuracy": lambda args: accuracy()})
 
 
 if __name__ == "__main__":

@@ -25,25 +25,14 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from algos import apply_fnet_mixing  # noqa: E402
-from algos.bench import markdown_table, median, time_interleaved  # noqa: E402
+from algos.bench import markdown_table, run_parts, time_forward  # noqa: E402
 from algos.surgery.report import count_params  # noqa: E402
 
 
-def timed_table(models: dict[str, nn.Module], make_input, repeats: int, baseline: str) -> list[list[str]]:
-    for model in models.values():
-        model.eval()
-
-    def forward(model):
-        def run():
-            with torch.inference_mode():
-                inputs = make_input()
-                model(**inputs) if isinstance(inputs, dict) else model(inputs)
-        return run
-
-    times = time_interleaved({name: forward(model) for name, model in models.items()}, repeats=repeats)
-    base = median(times[baseline])
-    return [[name, f"{count_params(model) / 1e6:.2f} M", f"{median(times[name]) * 1e3:.1f} ms",
-             f"{base / median(times[name]):.2f}x"] for name, model in models.items()]
+def timed_table(models: dict[str, nn.Module], inputs, repeats: int, baseline: str) -> list[list[str]]:
+    seconds = time_forward(models, inputs, repeats=repeats)
+    return [[name, f"{count_params(model) / 1e6:.2f} M", f"{seconds[name] * 1e3:.1f} ms",
+             f"{seconds[baseline] / seconds[name]:.2f}x"] for name, model in models.items()]
 
 
 def sublayer(lengths: list[int], repeats: int) -> str:
@@ -59,7 +48,7 @@ def sublayer(lengths: list[int], repeats: int) -> str:
             apply_fnet_mixing(fourier, impl=impl)
             models[f"FourierBertAttention impl={impl}"] = fourier[0]
         x = torch.randn(8, length, 768)
-        rows = timed_table(models, lambda x=x: x, repeats, "BertAttention (sdpa)")
+        rows = timed_table(models, x, repeats, "BertAttention (sdpa)")
         out.append(f"seq {length}:\n\n" + markdown_table(["sublayer", "params", "median forward", "speed-up"], rows))
     return "\n\n".join(out) + "\n"
 
@@ -78,7 +67,7 @@ def encoder(length: int, repeats: int) -> str:
     models = {"BERT-base (sdpa attention)": dense, "ours: all-FNet (fft)": fnet, "ours: all-FNet (rfft)": fnet_rfft,
               "ours: FNet-Hybrid (rfft, last 2 attention)": hybrid, "HF FNetModel (peer)": peer}
     tokens = torch.randint(0, 30522, (8, length))
-    rows = timed_table(models, lambda: {"input_ids": tokens}, repeats, "BERT-base (sdpa attention)")
+    rows = timed_table(models, {"input_ids": tokens}, repeats, "BERT-base (sdpa attention)")
     fnet_time = min(float(rows[1][2].split()[0]), float(rows[2][2].split()[0]))
     peer_time = float(rows[4][2].split()[0])
     title = f"### BERT-base-size encoder, batch 8 x {length}, random init"
@@ -136,20 +125,15 @@ def accuracy(steps: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="sublayer,encoder,accuracy")
     parser.add_argument("--lengths", default="128,512,2048", help="sequence lengths for the sublayer part")
     parser.add_argument("--encoder-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=600, help="training steps for the accuracy part")
-    args = parser.parse_args()
-    parts = {"sublayer": lambda: sublayer([int(n) for n in args.lengths.split(",")], args.repeats),
-             "encoder": lambda: encoder(args.encoder_length, args.repeats), "accuracy": lambda: accuracy(args.steps)}
-    unknown = set(args.parts.split(",")) - parts.keys()
-    if unknown:
-        parser.error(f"unknown part(s) {sorted(unknown)}; choose from {sorted(parts)}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU\n")
-    for name in args.parts.split(","):
-        print(parts[name]())
+    run_parts(parser, {
+        "sublayer": lambda args: sublayer([int(n) for n in args.lengths.split(",")], args.repeats),
+        "encoder": lambda args: encoder(args.encoder_length, args.repeats),
+        "accuracy": lambda args: accuracy(args.steps),
+    })
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ compare medians, and report ratios rather than absolute times.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 from tabulate import tabulate
+from torch import nn
 
 
 def time_interleaved(candidates: dict[str, Callable[[], object]], *, repeats: int = 5,
@@ -38,3 +40,34 @@ def median(values: list[float]) -> float:
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def time_forward(models: dict[str, nn.Module], inputs, *, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of one inference forward of each model (eval mode, ``torch.inference_mode``), interleaved.
+    ``inputs`` is a tensor or a dict of keyword arguments."""
+    for model in models.values():
+        model.eval()
+
+    def forward(model: nn.Module):
+        def run():
+            with torch.inference_mode():
+                model(**inputs) if isinstance(inputs, dict) else model(inputs)
+        return run
+
+    times = time_interleaved({name: forward(model) for name, model in models.items()}, repeats=repeats)
+    return {name: median(values) for name, values in times.items()}
+
+
+def run_parts(parser: argparse.ArgumentParser, parts: dict[str, Callable[[argparse.Namespace], str]]) -> None:
+    """Add ``--parts`` (all by default) to ``parser``, run each chosen part with the parsed arguments, print its
+    markdown after a line naming torch and the thread count."""
+    parser.add_argument("--parts", default=",".join(parts), help=f"comma-separated, from: {', '.join(parts)}")
+    args = parser.parse_args()
+    chosen = args.parts.split(",")
+    unknown = sorted(set(chosen) - parts.keys())
+    if unknown:
+        parser.error(f"unknown part(s) {unknown}; choose from {sorted(parts)}")
+    device = "CUDA" if torch.cuda.is_available() else "CPU"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}\n")
+    for name in chosen:
+        print(parts[name](args))
