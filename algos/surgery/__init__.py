@@ -3,11 +3,11 @@ class, and checkpoint resume. Every algorithm in ``algos`` is built on it."""
 
 from algos.surgery import resume as _resume  # noqa: F401  (installs the checkpoint-resume hook)
 from algos.surgery.algorithm import SurgeryAlgorithm
-from algos.surgery.replace import SkipModule, apply_surgery, replace_modules
+from algos.surgery.replace import Rewrite, SkipModule, apply_surgery, replace_modules
 from algos.surgery.report import Replaced, SurgeryReport, count_macs, count_params
 from algos.surgery.targets import Skip, name_matches, select_targets
 
 __all__ = [
-    "SurgeryAlgorithm", "SurgeryReport", "Replaced", "Skip", "SkipModule", "apply_surgery", "replace_modules",
-    "select_targets", "name_matches", "count_macs", "count_params",
+    "SurgeryAlgorithm", "SurgeryReport", "Replaced", "Skip", "SkipModule", "Rewrite", "apply_surgery",
+    "replace_modules", "select_targets", "name_matches", "count_macs", "count_params",
 ]

@@ -54,7 +54,7 @@ class SurgeryAlgorithm(Algorithm):
         self.exclude_modules = exclude_modules
         self.filter_fn = filter_fn
         self.strict = strict
-        self._apply_at_time = _parse_time(apply_at, self.name)
+        self._apply_at_time = parse_time(apply_at, self.name, "apply_at")
         if (self._apply_at_time is not None or self.calibration_needed) and dist.get_world_size() > 1:
             when = f"apply_at={apply_at!r}" if apply_at is not None else "calibration from the train dataloader"
             raise ValueError(f"{self.name}: {when} rewrites the model after DDP wraps it, which is not supported "
@@ -88,12 +88,7 @@ class SurgeryAlgorithm(Algorithm):
         when = self._apply_at_time
         if when is None:
             return event == (Event.FIT_START if self.calibration_needed else Event.INIT)
-        if event not in (Event.BATCH_END, Event.EPOCH_END):
-            return False
-        if when.unit == TimeUnit.DURATION:
-            elapsed = state.get_elapsed_duration()
-            return elapsed is not None and elapsed >= when
-        return state.timestamp.get(when.unit) >= when
+        return event in (Event.BATCH_END, Event.EPOCH_END) and time_reached(state, when)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if not self._due(event, state):
@@ -103,7 +98,8 @@ class SurgeryAlgorithm(Algorithm):
         calibration = _dataloader_batches(state, self.calibration_needed) if self.calibration_needed else None
         report = self.surgery(state.model, optimizers=state.optimizers, calibration=calibration)
         self.reports.append(report)
-        self._record += [(row.fqn, meta_copy(state.model.get_submodule(row.fqn))) for row in report.replaced]
+        self._record += [(fqn, meta_copy(state.model.get_submodule(fqn)))
+                         for row in report.replaced for fqn in (row.fqn, *row.companions)]
         self._unlogged.append(report)
         log.info("%s", report)
         if report.measured:  # else MACs come with the first forward pass, and the report is logged after batch 1
@@ -136,14 +132,23 @@ class SurgeryAlgorithm(Algorithm):
         return f"{self.name}({', '.join(arguments)})"
 
 
-def _parse_time(apply_at, name: str) -> Time | None:
-    if apply_at is None or isinstance(apply_at, Time):
-        return apply_at
+def parse_time(value, name: str, argument: str) -> Time | None:
+    """A Composer ``Time`` from a string such as "2ep", or a one-line error naming the argument."""
+    if value is None or isinstance(value, Time):
+        return value
     try:
-        return Time.from_input(apply_at)
+        return Time.from_input(value)
     except (ValueError, TypeError):
-        raise ValueError(f"{name}: apply_at={apply_at!r} is not a Composer time; use None (INIT) or a string such as "
+        raise ValueError(f"{name}: {argument}={value!r} is not a Composer time; use None or a string such as "
                          f"'2ep', '500ba', '0.5dur'.") from None
+
+
+def time_reached(state: State, when: Time) -> bool:
+    """Has training reached ``when`` (epochs, batches, samples, tokens or a fraction of the duration)?"""
+    if when.unit == TimeUnit.DURATION:
+        elapsed = state.get_elapsed_duration()
+        return elapsed is not None and elapsed >= when
+    return state.timestamp.get(when.unit) >= when
 
 
 def _dataloader_batches(state: State, count: int):

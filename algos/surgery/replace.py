@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from composer.algorithms.warnings import NoEffectWarning
@@ -15,8 +16,29 @@ from algos.surgery.report import SurgeryReport, measure_macs_on_first_call
 from algos.surgery.targets import SURGERY_MARKER, FilterFn, ModuleNames, Skip, any_already_converted, select_targets
 
 # A converter turns one selected module into its replacement, optionally with notes for the report
-# (e.g. {"rank": 64}). It raises SkipModule to leave the module alone with a reason.
-Converter = Callable[[nn.Module, str], "nn.Module | tuple[nn.Module, dict]"]
+# (e.g. {"rank": 64}), or into a Rewrite when the change spans several modules. It raises SkipModule to leave the
+# module alone with a reason.
+Converter = Callable[[nn.Module, str], "nn.Module | tuple[nn.Module, dict] | Rewrite"]
+
+
+@dataclass
+class Rewrite:
+    """A converter's answer when one target changes more than one module (e.g. a whole MLP block).
+
+    ``module`` goes at ``at`` (default: the target itself); ``companions`` (fqn -> module) replace further modules
+    that must change with it (BERT's ``output.dense`` becomes an identity once the new module yields the block's
+    output). The report shows one row at ``at``, counting ``counted_as`` (a module that computes what every replaced
+    module did, from the input ``module`` receives; default: the module at ``at``) as the "before".
+
+    A new module that must also adjust its parent (say, turn off a fused fast path that would read weights no longer
+    there) defines ``on_install(parent)``; ``replace_modules`` calls it after every swap, resume replays included.
+    """
+
+    module: nn.Module
+    notes: dict = field(default_factory=dict)
+    at: str | None = None
+    companions: dict[str, nn.Module] = field(default_factory=dict)
+    counted_as: nn.Module | None = None
 
 
 class SkipModule(Exception):
@@ -36,6 +58,7 @@ def apply_surgery(
     strict: bool = False,
     example_inputs=None,
     prepare: Callable[[list[tuple[str, nn.Module]]], None] | None = None,
+    candidate_fn: FilterFn | None = None,
 ) -> SurgeryReport:
     """Select targets, convert each, swap them in, update ``optimizers``; return the report.
 
@@ -53,6 +76,7 @@ def apply_surgery(
         exclude_modules=exclude_modules,
         filter_fn=filter_fn,
         strict=strict,
+        candidate_fn=candidate_fn,
     )
     report = SurgeryReport(algorithm, skipped=list(skipped))
     if prepare is not None and targets:
@@ -64,10 +88,16 @@ def apply_surgery(
         except SkipModule as why:
             report.skipped.append(Skip(fqn, type(module).__name__, str(why)))
             continue
-        new_module, notes = converted if isinstance(converted, tuple) else (converted, {})
-        setattr(new_module, SURGERY_MARKER, algorithm)
-        replacements[fqn] = new_module
-        report.add(fqn, module, new_module, notes)
+        if not isinstance(converted, Rewrite):
+            converted = Rewrite(*converted) if isinstance(converted, tuple) else Rewrite(converted)
+        at = converted.at or fqn
+        for new_module in (converted.module, *converted.companions.values()):
+            setattr(new_module, SURGERY_MARKER, algorithm)
+        replacements[at] = converted.module
+        replacements.update(converted.companions)
+        counted_as = converted.counted_as or (module if at == fqn else model.get_submodule(at))
+        report.add(at, counted_as, converted.module, converted.notes, companions=list(converted.companions),
+                   old_type=type(module).__name__)
     if targets and not replacements and not any_already_converted(skipped):
         message = (f"{algorithm}: all {len(targets)} selected modules were skipped "
                    f"(e.g. {report.skipped[-1].fqn}: {report.skipped[-1].reason})")
@@ -103,6 +133,9 @@ def replace_modules(
         old_to_new[old_module] = _match_device_and_dtype(new_module, old_module).train(old_module.training)
     policies = {kind: (lambda module, _index: old_to_new.get(module)) for kind in {type(old) for old in old_to_new}}
     replace_module_classes(model, policies=policies, optimizers=optimizers or None)
+    for fqn, new_module in replacements.items():
+        if hasattr(new_module, "on_install"):
+            new_module.on_install(model.get_submodule(fqn.rpartition(".")[0]))
     new_parameters = {p for new in old_to_new.values() for p in new.parameters()}
     for optimizer in _as_list(optimizers):
         start_optimizer_state(optimizer, new_parameters)

@@ -29,6 +29,7 @@ class Replaced:
     macs_before: int | None = None
     macs_after: int | None = None
     notes: dict = field(default_factory=dict)
+    companions: list[str] = field(default_factory=list)  # other modules replaced with this one (see Rewrite)
 
 
 @dataclass
@@ -41,10 +42,11 @@ class SurgeryReport:
     # fqn -> (weightless copy of the old module, new module): kept only until their MACs are measured.
     _unmeasured: dict[str, tuple[nn.Module, nn.Module]] = field(default_factory=dict, repr=False, compare=False)
 
-    def add(self, fqn: str, old: nn.Module, new: nn.Module, notes: dict | None = None) -> None:
+    def add(self, fqn: str, old: nn.Module, new: nn.Module, notes: dict | None = None,
+            companions: list[str] | None = None, old_type: str | None = None) -> None:
         self.replaced.append(
-            Replaced(fqn, type(old).__name__, type(new).__name__, count_params(old), count_params(new),
-                     notes=dict(notes or {})),
+            Replaced(fqn, old_type or type(old).__name__, type(new).__name__, count_params(old), count_params(new),
+                     notes=dict(notes or {}), companions=list(companions or [])),
         )
         self._unmeasured[fqn] = (meta_copy(old), new)
 
@@ -125,6 +127,24 @@ def _register_fft_flop_formulas() -> None:
 
 
 _register_fft_flop_formulas()
+
+
+def _register_embedding_bag_flop_formula() -> None:
+    """A weighted ``embedding_bag`` (what FFF trees sum their output vectors with) gathers and scales one row per
+    index: one MAC per element. torch.utils.flop_counter has no formula for it (and counts lookups as free)."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    aten = torch.ops.aten
+    ops = [aten._embedding_bag, aten._embedding_bag_forward_only]
+    if any(op in flop_registry for op in ops):
+        return
+
+    @register_flop_formula(ops)
+    def _bag(weight_shape, indices_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(indices_shape) * weight_shape[-1]
+
+
+_register_embedding_bag_flop_formula()
 
 
 def count_params(module: nn.Module) -> int:

@@ -80,8 +80,12 @@ def select_targets(
     exclude_modules: ModuleNames = None,
     filter_fn: FilterFn | None = None,
     strict: bool = False,
+    candidate_fn: FilterFn | None = None,
 ) -> tuple[list[tuple[str, nn.Module]], list[Skip]]:
     """Return ``(targets, skipped)``: ``(fqn, module)`` pairs to rewrite, in module order, and candidates left alone.
+
+    ``candidate_fn(module, fqn)`` is the algorithm's own finer test than ``classes`` (e.g. "an nn.Sequential shaped
+    like an MLP"): a module failing it is no candidate at all, silently, and the search goes on inside it.
 
     With no target at all (and nothing already converted), warn with Composer's ``NoEffectWarning``, or raise
     ``ValueError`` listing some candidate names when ``strict=True``.
@@ -104,7 +108,7 @@ def select_targets(
             if marker == algorithm:
                 skipped.append(Skip(fqn, type(module).__name__, f"already converted by {algorithm}"))
             continue
-        if fqn == "" or not isinstance(module, classes):
+        if fqn == "" or not isinstance(module, classes) or (candidate_fn is not None and not candidate_fn(module, fqn)):
             continue
         if target_modules is not None and not name_matches(fqn, target_modules):
             continue

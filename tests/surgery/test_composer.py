@@ -7,7 +7,7 @@ from composer.loggers import InMemoryLogger
 from torch import nn
 
 import algos
-from algos import Factorize, SwapLinear
+from algos import Factorize, FFFReplace, SwapLinear
 from algos.surgery import SurgeryAlgorithm, apply_surgery
 from algos.surgery.example import SwappedLinear
 
@@ -95,6 +95,10 @@ ALGORITHMS = {
     "Factorize-at-1ba": lambda: Factorize(rank=4, min_features=1, apply_at="1ba"),
     # surgery at the very batch end the checkpoint is saved: new parameters not stepped yet
     "Factorize-at-2ba": lambda: Factorize(rank=4, min_features=1, apply_at="2ba"),
+    "FFF-neuron": lambda: FFFReplace(depth=2, target_modules=["0"]),
+    # soft training with region leak draws random numbers: Composer's checkpointed RNG state must replay them
+    "FFF-leaf-leak": lambda: FFFReplace(depth=2, form="leaf", leaf_width=4, region_leak=0.1, target_modules=["0"]),
+    "FFF-at-1ba": lambda: FFFReplace(depth=2, target_modules=["0"], apply_at="1ba"),
 }
 
 

@@ -1,0 +1,279 @@
+"""Fast FeedForward (FFF) trees: a binary tree routes each token down one path, so only O(depth) of the tree's
+weights touch it (Belcak & Wattenhofer 2023, "Fast Feedforward Networks"; UltraFastBERT, Belcak & Wattenhofer 2023).
+
+Nodes are numbered breadth-first: the children of node i are 2i+1 (left) and 2i+2 (right), so a token's next node
+is ``2i + 1 + [z_i > 0]`` with z_i = w_i . x + b_i its logit at node i.
+
+Two forms, chosen by ``form``:
+
+* ``"neuron"`` (UltraFastBERT): the tree has 2^(depth+1) - 1 nodes, each one neuron; a token visits depth + 1 of
+  them, in training too, and
+      y = sum over visited nodes i of  a_i v_i  + b_out.
+  UltraFastBERT takes a_i = act(z_i) with one output vector v_i, so GELU both routes and contributes: a token sent
+  left has z_i < 0 and act(z_i) ~ 0, and about half of every path contributes nothing. Our fix (``mirrored=True``)
+  decouples the two: the sign of z_i routes, the magnitude contributes, through an output vector for each branch,
+      a_i = act(|z_i|),  v_i = v_i^right if z_i > 0 else v_i^left,
+  i.e. every node is a pair of neurons with input weights +w_i and -w_i of which routing picks the active one (for
+  ReLU exactly the sum of both). Every visited node contributes, at the same FLOPs; the price is d_out more
+  parameters per node. ``mirrored=False`` is UltraFastBERT's form, kept for comparison.
+* ``"leaf"`` (FFF paper): 2^depth - 1 internal nodes with sigmoid decisions c_i = sigma(z_i) and 2^depth leaves, each
+  a small MLP of ``leaf_width``. Training mixes all leaves softly,
+      y = sum_l p_l(x) leaf_l(x),  p_l = product over the path to l of c_i (went right) or 1 - c_i (went left),
+  and the hardening loss (mean binary entropy of the decisions a token makes, weighted by how likely it reaches
+  them) pushes the decisions to 0/1; evaluation, and the optional hard-training phase, follow the hard path and
+  run one leaf. ``region_leak`` flips each soft decision with that probability in training (the paper's remedy
+  for over-fragmented regions).
+
+Fast paths (``forward``): the neuron form walks the tree one level at a time for all tokens at once, gathering the
+node rows it needs (``node_weight[index]``, one row per token: vectors, never matrices) and summing the output
+vectors with one ``embedding_bag``; a single token on CPU walks it with Python integers, which avoids the per-level
+tensor bookkeeping that dominates at batch 1. The leaf form sorts tokens by leaf and runs one GEMM pair per leaf.
+``forward_reference`` computes the same function densely (every node's logit, a path mask; every leaf, then the
+mixture) and is what the fast paths are tested against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FORMS = ("neuron", "leaf")
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+def node_count(depth: int, form: str) -> int:
+    """Nodes with a decision: every node of the neuron form (2^(depth+1) - 1), the internal ones of the leaf form."""
+    return 2 ** (depth + 1) - 1 if form == "neuron" else 2**depth - 1
+
+
+def fff_param_count(in_features: int, out_features: int, depth: int, form: str, leaf_width: int = 0,
+                    mirrored: bool = True) -> int:
+    """Parameters of an FFF, without building it (for the size check before surgery)."""
+    nodes = node_count(depth, form)
+    if form == "neuron":
+        return nodes * (in_features + 1 + (2 if mirrored else 1) * out_features) + out_features
+    leaves = 2**depth
+    return nodes * (in_features + 1) + leaves * (leaf_width * (in_features + 1 + out_features) + out_features)
+
+
+def check_tree_arguments(*, depth, form, leaf_width, activation, region_leak, who: str = "FFF") -> None:
+    """One-line errors for bad tree arguments, shared by the module and the algorithm."""
+    if form not in FORMS:
+        raise ValueError(f"{who}: form={form!r} is not one of {', '.join(map(repr, FORMS))}.")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"{who}: depth={depth!r} must be an int >= 0.")
+    if form == "leaf" and (isinstance(leaf_width, bool) or not isinstance(leaf_width, int) or leaf_width <= 0):
+        raise ValueError(f"{who}: leaf_width={leaf_width!r} must be an int >= 1 for form='leaf'.")
+    if isinstance(activation, str) and activation not in ACTIVATIONS:
+        raise ValueError(f"{who}: activation={activation!r} is not one of {', '.join(map(repr, ACTIVATIONS))} "
+                         f"(or an nn.Module).")
+    if not (isinstance(region_leak, (int, float)) and 0 <= region_leak < 0.5):
+        raise ValueError(f"{who}: region_leak={region_leak!r} must be in [0, 0.5).")
+
+
+class FFF(nn.Module):
+    """A Fast FeedForward tree from ``in_features`` to ``out_features``; input (..., in_features)."""
+
+    def __init__(self, in_features: int, out_features: int, depth: int, *, form: str = "neuron",
+                 leaf_width: int = 32, activation: str | nn.Module = "gelu", mirrored: bool = True,
+                 region_leak: float = 0.0, hard_training: bool = False):
+        super().__init__()
+        check_tree_arguments(depth=depth, form=form, leaf_width=leaf_width, activation=activation,
+                             region_leak=region_leak)
+        self.in_features, self.out_features, self.depth, self.form = in_features, out_features, depth, form
+        self.leaf_width = leaf_width if form == "leaf" else None
+        self.mirrored = mirrored if form == "neuron" else None
+        self.region_leak = region_leak
+        self.hard_training = hard_training
+        self.activation = ACTIVATIONS[activation]() if isinstance(activation, str) else activation
+        nodes = node_count(depth, form)
+        self.node_weight = nn.Parameter(torch.empty(nodes, in_features))
+        self.node_bias = nn.Parameter(torch.empty(nodes))
+        if form == "neuron":
+            self.node_out = nn.Parameter(torch.empty(nodes, 2 if mirrored else 1, out_features))
+            self.out_bias = nn.Parameter(torch.empty(out_features))
+        else:
+            leaves = 2**depth
+            self.leaf_in = nn.Parameter(torch.empty(leaves, in_features, leaf_width))
+            self.leaf_in_bias = nn.Parameter(torch.empty(leaves, leaf_width))
+            self.leaf_out = nn.Parameter(torch.empty(leaves, leaf_width, out_features))
+            self.leaf_out_bias = nn.Parameter(torch.empty(leaves, out_features))
+        # How many training tokens reached each bottom-level node (neuron form) or leaf (leaf form): monitoring
+        # state, not learned, and not checkpointed.
+        self.register_buffer("leaf_usage", torch.zeros(2**depth, dtype=torch.long), persistent=False)
+        self.last_entropy: torch.Tensor | None = None  # hardening loss of the last soft training forward
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Scratch init, as nn.Linear's: uniform(+-1/sqrt(fan_in)); routing hyperplanes through the origin."""
+        bound_in = 1 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.node_weight, -bound_in, bound_in)
+        nn.init.zeros_(self.node_bias)
+        if self.form == "neuron":
+            # the output sums depth + 1 node contributions, as a dense layer sums its fan-in
+            nn.init.uniform_(self.node_out, -1 / math.sqrt(self.depth + 1), 1 / math.sqrt(self.depth + 1))
+            nn.init.zeros_(self.out_bias)
+        else:
+            nn.init.uniform_(self.leaf_in, -bound_in, bound_in)
+            nn.init.uniform_(self.leaf_in_bias, -bound_in, bound_in)
+            bound_leaf = 1 / math.sqrt(self.leaf_width)
+            nn.init.uniform_(self.leaf_out, -bound_leaf, bound_leaf)
+            nn.init.uniform_(self.leaf_out_bias, -bound_leaf, bound_leaf)
+
+    @property
+    def soft(self) -> bool:
+        """True when this forward mixes leaves softly (leaf form, training, not in the hard-training phase)."""
+        return self.form == "leaf" and self.training and not self.hard_training
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if self.form == "neuron":
+            y, bottom = self._neuron_fast(rows)
+        elif self.soft:
+            y, bottom = self._leaf_soft(rows)
+        else:
+            y, bottom = self._leaf_hard(rows)
+        self._count(bottom)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function computed densely: all node logits and a path mask (neuron form); every leaf, mixed
+        by the soft weights or the one-hot hard path (leaf form). Slow; the fast paths are tested against it."""
+        rows = x.reshape(-1, self.in_features)
+        logits = F.linear(rows, self.node_weight, self.node_bias)
+        if self.form == "neuron":
+            path, right = descend(logits, self.depth + 1)
+            coefficient = self.activation(logits.abs() if self.mirrored else logits)
+            y = self.out_bias.expand(rows.shape[0], -1)
+            for branch in range(self.node_out.shape[1]):  # 0: left (or the only one), 1: right
+                taken = right if self.mirrored and branch == 1 else ~right if self.mirrored else torch.ones_like(right)
+                mask = torch.zeros_like(logits).scatter(1, path, taken.to(logits.dtype))
+                y = y + (coefficient * mask) @ self.node_out[:, branch]
+        else:
+            if self.soft:
+                weights, _ = mixture_weights(torch.sigmoid(logits), self.depth)
+            else:
+                weights = F.one_hot(hard_leaf(logits, self.depth), 2**self.depth).to(rows.dtype)
+            hidden = self.activation(torch.einsum("bd,ldw->blw", rows, self.leaf_in) + self.leaf_in_bias)
+            every_leaf = torch.einsum("blw,lwo->blo", hidden, self.leaf_out) + self.leaf_out_bias
+            y = torch.einsum("bl,blo->bo", weights, every_leaf)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    # -- neuron form ---------------------------------------------------------------------------------------------
+
+    def _neuron_fast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[0] == 1 and x.device.type == "cpu" and not torch.is_grad_enabled():
+            return self._neuron_single(x)
+        levels = self.depth + 1
+        index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        coefficients, outputs = [], []
+        for _ in range(levels):
+            # z = w_index . x + b_index, one gathered row per token
+            z = torch.einsum("bd,bd->b", self.node_weight[index], x) + self.node_bias[index]
+            right = (z > 0).long()
+            coefficients.append(self.activation(z.abs() if self.mirrored else z))
+            outputs.append(2 * index + right if self.mirrored else index)  # row of node_out viewed as (nodes*2, d)
+            bottom = index
+            index = 2 * index + 1 + right
+        # y = sum_levels a_level * node_out[row_level] + b_out, in one fused gather-and-sum
+        y = F.embedding_bag(torch.stack(outputs, 1), self.node_out.flatten(0, 1),
+                            per_sample_weights=torch.stack(coefficients, 1).to(self.node_out.dtype), mode="sum")
+        return y + self.out_bias, bottom - (2**self.depth - 1)
+
+    def _neuron_single(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token: the descent on Python integers (one dot product per level, no index tensors)."""
+        token, index, logits, rows = x[0], 0, [], []
+        for _ in range(self.depth + 1):
+            z = float(torch.dot(self.node_weight[index], token)) + float(self.node_bias[index])
+            right = int(z > 0)
+            logits.append(z)
+            rows.append(2 * index + right if self.mirrored else index)
+            bottom = index
+            index = 2 * index + 1 + right
+        z = torch.tensor(logits, dtype=x.dtype)
+        coefficients = self.activation(z.abs() if self.mirrored else z).to(self.node_out.dtype)
+        y = torch.addmv(self.out_bias, self.node_out.flatten(0, 1)[rows].T, coefficients)
+        return y.unsqueeze(0), torch.tensor([bottom - (2**self.depth - 1)])
+
+    # -- leaf form -----------------------------------------------------------------------------------------------
+
+    def _leaf_soft(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.node_weight, self.node_bias)
+        decisions = torch.sigmoid(logits)
+        if self.region_leak > 0:
+            flip = torch.rand_like(decisions) < self.region_leak
+            decisions = torch.where(flip, 1 - decisions, decisions)
+        weights, reach = mixture_weights(decisions, self.depth)
+        if self.depth:
+            # binary entropy from the logit, stably: H(sigma(z)) = softplus(z) - z sigma(z); averaged over the
+            # depth decisions a token makes (reach sums to 1 per level), so it lies in [0, ln 2]
+            entropy = F.softplus(logits) - logits * torch.sigmoid(logits)
+            self.last_entropy = (reach * entropy).sum(1).mean() / self.depth
+        # y = sum_l p_l (act(x W1_l + b1_l) W2_l + b2_l); p folded into the hidden units so no (tokens, leaves,
+        # out_features) tensor is built
+        hidden = self.activation(torch.einsum("bd,ldw->blw", x, self.leaf_in) + self.leaf_in_bias)
+        y = torch.einsum("blw,lwo->bo", weights.unsqueeze(-1) * hidden, self.leaf_out) + weights @ self.leaf_out_bias
+        return y, weights.argmax(1)
+
+    def _leaf_hard(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        leaf = hard_leaf(F.linear(x, self.node_weight, self.node_bias), self.depth)
+        # tokens sorted by leaf, one GEMM pair per leaf that has tokens
+        order = torch.argsort(leaf, stable=True)
+        counts = torch.bincount(leaf, minlength=2**self.depth).tolist()
+        pieces = []
+        for number, tokens in enumerate(x[order].split(counts)):
+            if tokens.shape[0]:
+                hidden = self.activation(torch.addmm(self.leaf_in_bias[number], tokens, self.leaf_in[number]))
+                pieces.append(torch.addmm(self.leaf_out_bias[number], hidden, self.leaf_out[number]))
+        y = torch.cat(pieces).index_select(0, torch.argsort(order))
+        return y, leaf
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _count(self, bottom: torch.Tensor) -> None:
+        if self.training:
+            self.leaf_usage += torch.bincount(bottom.reshape(-1), minlength=self.leaf_usage.numel())
+
+    def extra_repr(self) -> str:
+        shape = (f"{self.in_features}, {self.out_features}, depth={self.depth}, form={self.form!r}")
+        if self.form == "leaf":
+            return shape + f", leaf_width={self.leaf_width}, region_leak={self.region_leak}"
+        return shape + f", mirrored={self.mirrored}"
+
+
+def descend(logits: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard descent through ``levels`` levels given every node's logit (tokens, nodes): the visited node of each
+    level (tokens, levels) and whether the token went right there."""
+    index = torch.zeros(logits.shape[0], 1, dtype=torch.long, device=logits.device)
+    path, right = [], []
+    for _ in range(levels):
+        went_right = logits.gather(1, index) > 0
+        path.append(index)
+        right.append(went_right)
+        index = 2 * index + 1 + went_right.long()
+    return torch.cat(path, 1), torch.cat(right, 1)
+
+
+def hard_leaf(logits: torch.Tensor, depth: int) -> torch.Tensor:
+    """The leaf (0 .. 2^depth - 1) each token reaches, from the internal nodes' logits (tokens, 2^depth - 1)."""
+    if depth == 0:
+        return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    path, right = descend(logits, depth)
+    return 2 * path[:, -1] + 1 + right[:, -1].long() - (2**depth - 1)
+
+
+def mixture_weights(decisions: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft leaf weights from each internal node's probability of going right (tokens, 2^depth - 1): returns
+    p (tokens, 2^depth), rows summing to 1, and each node's reach probability (tokens, 2^depth - 1)."""
+    p = decisions.new_ones(decisions.shape[0], 1)
+    reach = []
+    for level in range(depth):
+        reach.append(p)
+        right = decisions[:, 2**level - 1: 2 ** (level + 1) - 1]
+        # children of the j-th node of a level are the (2j)-th and (2j+1)-th of the next: interleave left/right
+        p = torch.stack([p * (1 - right), p * right], dim=-1).flatten(1)
+    return p, (torch.cat(reach, 1) if reach else decisions.new_zeros(decisions.shape[0], 0))

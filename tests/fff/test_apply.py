@@ -1,0 +1,165 @@
+"""apply_fff: which blocks are found and how each is rewired, dense initialisation, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from composer.algorithms.warnings import NoEffectWarning
+from sklearn.datasets import load_digits
+from torch import nn
+from transformers import BertModel
+
+from algos import FFF, apply_fff
+from algos.fff.blocks import TransformerLayerFFF
+from tests.models import tiny_bert_config
+
+
+def trained_digits_mlp(hidden=64, steps=150):
+    """A 64-hidden-64-10 MLP trained on the scikit-learn digits; returns it with its inputs."""
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16
+    y = torch.tensor(digits.target)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, hidden), nn.GELU(), nn.Linear(hidden, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return nn.Sequential(model), x, y
+
+
+def rel_errors(report):
+    return [row.notes["rel_error"] for row in report.replaced]
+
+
+def test_bert_intermediate_output_pair_becomes_fff_with_layernorm_residual_kept():
+    torch.manual_seed(0)
+    model = BertModel(tiny_bert_config(num_hidden_layers=2)).eval()
+    layer_norm = model.encoder.layer[0].output.LayerNorm
+    report = apply_fff(model, depth=2, example_inputs={"input_ids": torch.randint(0, 100, (2, 8))})
+    layer = model.encoder.layer[0]
+    assert isinstance(layer.intermediate, FFF) and isinstance(layer.output.dense, nn.Identity)
+    assert layer.output.LayerNorm is layer_norm
+    assert [row.fqn for row in report.replaced] == ["encoder.layer.0.intermediate", "encoder.layer.1.intermediate"]
+    assert report.replaced[0].companions == ["encoder.layer.0.output.dense"]
+    assert report.replaced[0].old_type == "BertIntermediate"
+    # before: both dense layers (2 * 32 * 64 weights + biases); MACs per sample: 8 tokens * 2 * 32 * 64
+    assert report.replaced[0].params_before == 2 * 32 * 64 + 64 + 32
+    assert report.replaced[0].macs_before == 8 * 2 * 32 * 64
+    # after: 3 levels, each a 32-wide dot product and a 32-wide output vector, per token
+    assert report.replaced[0].macs_after == 8 * 3 * (32 + 32)
+    x = torch.randn(1, 5, 32)
+    with torch.no_grad():
+        expected = layer_norm(layer.intermediate(x) + x)
+        torch.testing.assert_close(layer.output(layer.intermediate(x), x), expected)
+
+
+def test_vit_mlp_blocks_and_sequential_mlps_are_replaced_whole():
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32,
+                                               mlp_dim=64, num_classes=4, dropout=0.1)
+    report = apply_fff(vit, depth=2, form="leaf", leaf_width=8)
+    assert [row.fqn for row in report.replaced] == [f"encoder.layers.encoder_layer_{i}.mlp" for i in range(2)]
+    block = vit.encoder.layers.encoder_layer_0.mlp
+    assert isinstance(block[0], FFF) and isinstance(block[1], nn.Dropout) and block[1].p == 0.1
+    assert vit(torch.randn(2, 3, 16, 16)).shape == (2, 4)
+    # heads (a Sequential of one Linear) and the encoder stack are not MLP blocks: never candidates
+    assert report.skipped == []
+
+
+def test_transformer_encoder_layer_feed_forward_and_fast_path():
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 48, batch_first=True), 2,
+                                    enable_nested_tensor=False).eval()
+    apply_fff(encoder, depth=2)
+    layer = encoder.layers[0]
+    assert isinstance(layer.linear1, TransformerLayerFFF) and isinstance(layer.linear2, nn.Identity)
+    assert isinstance(layer.activation, nn.Identity) and isinstance(layer.dropout, nn.Identity)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():  # eval + no grad is where PyTorch would take its fused path, reading linear1.weight
+        out = encoder(x)
+        by_hand = layer.norm2((h := layer.norm1(x + layer.self_attn(x, x, x)[0])) + layer.linear1(h))
+    torch.testing.assert_close(encoder.layers[0](x), by_hand)
+    assert out.shape == x.shape
+
+
+def test_lone_linear_only_when_named_and_non_mlp_targets_are_refused():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.LayerNorm(16), nn.Linear(16, 4))
+    with pytest.warns(NoEffectWarning, match="no .* module selected"):  # not an MLP shape, no name: nothing to do
+        apply_fff(model, depth=1)
+    report = apply_fff(model, depth=1, target_modules=["3"])
+    assert isinstance(model[3], FFF) and (model[3].in_features, model[3].out_features) == (16, 4)
+    assert report.replaced[0].old_type == "Linear"
+    with pytest.raises(ValueError, match=r"target '2' is a LayerNorm, not a dense MLP block"):
+        apply_fff(model, depth=1, target_modules=["2"])
+    outer = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
+    with pytest.raises(ValueError, match=r"'0' is an nn.Sequential of \(Linear, LayerNorm\)"):
+        apply_fff(outer, depth=1, target_modules=["0"])
+    with pytest.raises(ValueError, match="init='dense' needs an MLP block .* '0' is a lone nn.Linear"):
+        apply_fff(nn.Sequential(nn.Linear(8, 8)), depth=1, target_modules=["0"], init="dense",
+                  calibration=torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("form", ["neuron", "leaf"])
+def test_dense_init_reproduces_the_trained_mlp_better_than_scratch(form):
+    errors = {}
+    for init in ("scratch", "dense"):
+        model, x, y = trained_digits_mlp()
+        report = apply_fff(model, depth=3, form=form, leaf_width=16, init=init, calibration=x)
+        errors[init] = rel_errors(report)[0]
+        accuracy = (model(x).argmax(1) == y).float().mean()
+        if init == "dense":
+            assert accuracy > 0.5  # the converted tree still classifies, before any training
+    assert errors["dense"] < 0.6 * errors["scratch"], errors
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_dense_init_with_leaves_as_wide_as_the_mlp_is_exact(depth):
+    model, x, _ = trained_digits_mlp(hidden=32)
+    dense = nn.Sequential(*model[0])
+    report = apply_fff(model, depth=depth, form="leaf", leaf_width=32, init="dense", calibration=x)
+    assert rel_errors(report)[0] < 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), dense(x), rtol=1e-4, atol=1e-4)
+
+
+def test_dense_init_splits_calibration_tokens_evenly():
+    model, x, _ = trained_digits_mlp()
+    apply_fff(model, depth=3, form="leaf", leaf_width=8, init="dense", calibration=x)
+    tree = model[0]
+    tree.train(), tree.leaf_usage.zero_()
+    tree.hard_training = True
+    tree(x)
+    usage = tree.leaf_usage.float()
+    assert usage.min() > 0.5 * usage.mean() and usage.max() < 1.5 * usage.mean()
+
+
+def test_optimizer_holds_the_new_parameters_and_not_the_old():
+    model, _, _ = trained_digits_mlp()
+    optimizer = torch.optim.Adam(model.parameters())
+    old = {id(p) for p in model.parameters()}
+    apply_fff(model, depth=2, optimizers=optimizer)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in model.parameters()} and not in_optimizer & old
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(depth=-1), "FFFReplace: depth=-1 must be an int >= 0"),
+    (dict(depth=2, form="leaf", leaf_width=0), "FFFReplace: leaf_width=0 must be an int >= 1"),
+    (dict(depth=2, init="pca"), "init='pca' is not one of 'scratch', 'dense'"),
+    (dict(depth=2, init="dense"), "init='dense' needs calibration="),
+    (dict(depth=2, max_params=-1), "max_params=-1 must be"),
+    (dict(depth=8, max_params=1.0), r"depth=8 gives '0' a tree of 43,445 parameters, more than max_params=1.0 "
+                                    r"allows \(4,810; the dense block has 4,810\); depth <= 4 fits"),
+    (dict(depth=2, init="dense", calibration=torch.randn(4, 32)),
+     r"calibration input of width 32 reached '0' \(expecting 64\)"),
+])
+def test_bad_input_is_a_one_line_error_and_the_model_is_untouched(kwargs, message):
+    model, _, _ = trained_digits_mlp(steps=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message) as error:
+        apply_fff(model, **kwargs)
+    assert "\n" not in str(error.value)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -1,0 +1,210 @@
+"""The FFF module: soft mixture, hard descent against a per-token reference, fast paths against the dense
+reference path, the mirrored-neuron fix, hardening, counters."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from algos.fff.tree import FFF, mixture_weights
+
+
+def naive_forward(fff: FFF, token: torch.Tensor) -> torch.Tensor:
+    """The hard descent written out for one token, straight from the definitions."""
+    node, y = 0, None
+    if fff.form == "neuron":
+        y = fff.out_bias.clone()
+        for _ in range(fff.depth + 1):
+            z = token @ fff.node_weight[node] + fff.node_bias[node]
+            went_right = bool(z > 0)
+            if fff.mirrored:
+                y = y + fff.activation(z.abs()) * fff.node_out[node, int(went_right)]
+            else:
+                y = y + fff.activation(z) * fff.node_out[node, 0]
+            node = 2 * node + 1 + int(went_right)
+        return y
+    for _ in range(fff.depth):
+        node = 2 * node + 1 + int(bool(token @ fff.node_weight[node] + fff.node_bias[node] > 0))
+    leaf = node - (2**fff.depth - 1)
+    hidden = fff.activation(token @ fff.leaf_in[leaf] + fff.leaf_in_bias[leaf])
+    return hidden @ fff.leaf_out[leaf] + fff.leaf_out_bias[leaf]
+
+
+def random_tree(form, depth, mirrored=True, seed=0, d_in=24, d_out=12):
+    torch.manual_seed(seed)
+    fff = FFF(d_in, d_out, depth, form=form, leaf_width=8, mirrored=mirrored)
+    with torch.no_grad():
+        fff.node_bias.normal_(0, 0.3)  # routing not through the origin, so the fast path's offsets are exercised
+    return fff
+
+
+def trained_tree(form, depth, mirrored=True):
+    """A tree fitted for a few steps to a nonlinear target, so weights are no longer i.i.d."""
+    fff = random_tree(form, depth, mirrored)
+    x = torch.randn(512, 24)
+    target = torch.sin(x[:, :12] * 2) + x[:, 12:] ** 2
+    optimizer = torch.optim.Adam(fff.parameters(), lr=1e-2)
+    for _ in range(30):
+        optimizer.zero_grad()
+        F.mse_loss(fff(x), target).backward()
+        optimizer.step()
+    return fff
+
+
+TREES = [("neuron", 0, True), ("neuron", 3, True), ("neuron", 5, False), ("leaf", 0, True), ("leaf", 2, True),
+         ("leaf", 4, True)]
+
+
+@pytest.mark.parametrize("form,depth,mirrored", TREES)
+@pytest.mark.parametrize("trained", [False, True])
+@pytest.mark.parametrize("batch", [1, 7, 2048])
+def test_fast_path_equals_reference_path_and_per_token_descent(form, depth, mirrored, trained, batch):
+    fff = (trained_tree if trained else random_tree)(form, depth, mirrored).eval()
+    x = torch.randn(batch, 24, generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        fast = fff(x)
+        reference = fff.forward_reference(x)
+        naive = torch.stack([naive_forward(fff, token) for token in x[:16]])
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[:16], naive, rtol=1e-5, atol=1e-5)
+
+
+def test_leading_dimensions_are_kept():
+    fff = random_tree("leaf", 2).eval()
+    x = torch.randn(3, 5, 24)
+    assert fff(x).shape == (3, 5, 12)
+    torch.testing.assert_close(fff(x)[1], fff(x[1]))
+
+
+@pytest.mark.parametrize("mirrored", [True, False])
+def test_neuron_training_path_has_the_reference_gradients(mirrored):
+    fff = random_tree("neuron", 3, mirrored).train()
+    x = torch.randn(64, 24)
+    grads = []
+    for forward in (fff.forward, fff.forward_reference):
+        fff.zero_grad()
+        forward(x).pow(2).sum().backward()
+        grads.append({name: p.grad.clone() for name, p in fff.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5)
+
+
+def test_soft_mixture_weights_sum_to_one_and_are_path_products():
+    decisions = torch.rand(50, 2**3 - 1)
+    weights, reach = mixture_weights(decisions, 3)
+    torch.testing.assert_close(weights.sum(1), torch.ones(50))
+    # leaf 5 = path right (node 0), left (node 2), right (node 5)
+    torch.testing.assert_close(weights[:, 5], decisions[:, 0] * (1 - decisions[:, 2]) * decisions[:, 5])
+    torch.testing.assert_close(reach[:, 4], decisions[:, 0] * 0 + (1 - decisions[:, 0]) * decisions[:, 1])
+    for level in range(3):  # each level's reach probabilities sum to 1
+        torch.testing.assert_close(reach[:, 2**level - 1: 2 ** (level + 1) - 1].sum(1), torch.ones(50))
+
+
+def test_soft_training_forward_is_the_mixture_of_all_leaves():
+    fff = random_tree("leaf", 3).train()
+    x = torch.randn(40, 24)
+    torch.testing.assert_close(fff(x), fff.forward_reference(x), rtol=1e-5, atol=1e-5)
+    fff.hard_training = True  # the hard-training phase runs the inference path, with gradients to leaves
+    with torch.no_grad():
+        expected = fff.eval().forward_reference(x)
+    fff.train()
+    out = fff(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert fff.node_weight.grad is None and fff.leaf_in.grad.abs().sum() > 0
+
+
+def test_region_leak_flips_decisions_only_in_soft_training():
+    fff = random_tree("leaf", 3)
+    fff.region_leak = 0.4
+    x = torch.randn(200, 24)
+    torch.manual_seed(1)
+    leaky = fff.train()(x)
+    fff.region_leak = 0.0
+    assert not torch.allclose(leaky, fff(x))
+    fff.region_leak = 0.4
+    with torch.no_grad():
+        torch.testing.assert_close(fff.eval()(x), fff.forward_reference(x))
+
+
+def decision_entropy(fff, x):
+    with torch.no_grad():
+        fff.train()(x)
+    return float(fff.last_entropy)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hardening_loss_lowers_decision_entropy(seed):
+    torch.manual_seed(seed)
+    x = torch.randn(256, 8)
+    target = torch.stack([x[:, 0].sign() * x[:, 1], x[:, 2].abs()], 1)
+    entropies = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(seed)
+        fff = FFF(8, 2, 3, form="leaf", leaf_width=4)
+        optimizer = torch.optim.Adam(fff.parameters(), lr=2e-2)
+        for _ in range(150):
+            optimizer.zero_grad()
+            loss = F.mse_loss(fff(x), target)
+            (loss + weight * fff.last_entropy).backward()
+            optimizer.step()
+        entropies[weight] = decision_entropy(fff, x)
+    assert entropies[1.0] < 0.5 * entropies[0.0]
+    assert 0 <= entropies[1.0] <= math.log(2)
+
+
+def test_mirrored_node_is_a_pair_of_relu_neurons_ultrafastbert_left_nodes_add_nothing():
+    """The defect and the fix, with ReLU where both are exact. UltraFastBERT: act(z) both routes and contributes, so
+    a node that sends the token left (z <= 0) adds nothing. Mirrored: act(|z|) through the taken branch's vector,
+    which is relu(z) v_right + relu(-z) v_left: two neurons +-w, both live."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 24)
+    for mirrored in (True, False):
+        fff = FFF(24, 12, 0, activation="relu", mirrored=mirrored)  # one node
+        with torch.no_grad():
+            fff.node_out.normal_()
+            fff.out_bias.normal_()
+            z = x @ fff.node_weight[0] + fff.node_bias[0]
+            contribution = fff(x) - fff.out_bias
+        if mirrored:
+            pair = F.relu(z)[:, None] * fff.node_out[0, 1] + F.relu(-z)[:, None] * fff.node_out[0, 0]
+            torch.testing.assert_close(contribution, pair)
+            assert contribution[z < 0].abs().mean() > 0.3 * contribution[z > 0].abs().mean()
+        else:
+            assert torch.all(contribution[z <= 0] == 0)
+
+
+def test_counters_are_buffers_not_parameters_and_count_training_tokens():
+    fff = random_tree("neuron", 2)
+    assert "leaf_usage" not in dict(fff.named_parameters()) and "leaf_usage" not in fff.state_dict()
+    fff.train()(torch.randn(30, 24))
+    assert int(fff.leaf_usage.sum()) == 30 and fff.leaf_usage.numel() == 4
+    with torch.no_grad():
+        fff.eval()(torch.randn(10, 24))
+    assert int(fff.leaf_usage.sum()) == 30  # evaluation is not counted
+
+
+@pytest.mark.parametrize("form", ["neuron", "leaf"])
+def test_bfloat16(form):
+    fff = random_tree(form, 3).eval()
+    x = torch.randn(33, 24)
+    with torch.no_grad():
+        reference = fff(x)
+        low = fff.to(torch.bfloat16)(x.bfloat16())
+    assert low.dtype == torch.bfloat16
+    # a token near a split may take the other branch in bf16; most must agree closely
+    close = ((low.float() - reference).norm(dim=1) < 0.05 * reference.norm(dim=1) + 0.05).float().mean()
+    assert close > 0.8
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(depth=-1), "depth=-1 must be an int >= 0"),
+    (dict(depth=2, form="leaf", leaf_width=0), "leaf_width=0 must be an int >= 1"),
+    (dict(depth=2, form="tree"), "form='tree' is not one of 'neuron', 'leaf'"),
+    (dict(depth=2, activation="swish"), "activation='swish' is not one of"),
+    (dict(depth=2, region_leak=0.7), "region_leak=0.7 must be in"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FFF(8, 8, **kwargs)
