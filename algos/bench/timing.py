@@ -7,6 +7,7 @@ compare medians, and report ratios rather than absolute times.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -16,21 +17,31 @@ from tabulate import tabulate
 from torch import nn
 
 
-def time_interleaved(candidates: dict[str, Callable[[], object]], *, repeats: int = 5,
-                     warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each candidate, ``repeats`` times each, interleaved; CUDA work is synchronised."""
+def time_interleaved(candidates: dict[str, Callable[[], object]], *, repeats: int = 5, warmup: int = 1,
+                     min_time: float = 0.02) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, ``repeats`` times each, interleaved; CUDA work is synchronised.
+
+    Each measurement runs a candidate enough times back to back to take at least ``min_time`` seconds (like
+    ``timeit``'s autorange), so sub-millisecond calls are not lost in timer and scheduling noise."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
-    for _ in range(warmup):
-        for run in candidates.values():
-            run()
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
+    loops: dict[str, int] = {}
+    for index in range(warmup):
         for name, run in candidates.items():
             sync()
             start = time.perf_counter()
             run()
             sync()
-            times[name].append(time.perf_counter() - start)
+            if index == warmup - 1:
+                loops[name] = max(1, math.ceil(min_time / max(time.perf_counter() - start, 1e-9)))
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, run in candidates.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(loops.get(name, 1)):
+                run()
+            sync()
+            times[name].append((time.perf_counter() - start) / loops.get(name, 1))
     return times
 
 

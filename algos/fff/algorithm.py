@@ -250,10 +250,10 @@ class FFFReplace(SurgeryAlgorithm):
             self._add_hardening_loss(state)
             return
         super().apply(event, state, logger)
+        if self._hard_at is not None and time_reached(state, self._hard_at):  # "0ba": hard from the surgery on
+            for tree in trees(state.model):
+                tree.hard_training = True
         if event == Event.BATCH_END:
-            if self._hard_at is not None and time_reached(state, self._hard_at):
-                for tree in trees(state.model):
-                    tree.hard_training = True
             if int(state.timestamp.batch) % self.log_interval == 0:
                 logger.log_metrics(usage_metrics(trees(state.model)))
 

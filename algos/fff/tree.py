@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 
+import numpy
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -164,15 +165,18 @@ class FFF(nn.Module):
 
     # -- neuron form ---------------------------------------------------------------------------------------------
 
-    def _neuron_fast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _neuron_fast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
         if x.shape[0] == 1 and x.device.type == "cpu" and not torch.is_grad_enabled():
             return self._neuron_single(x)
-        levels = self.depth + 1
+        return self._neuron_fast_batched(x)
+
+    def _neuron_fast_batched(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         coefficients, outputs = [], []
-        for _ in range(levels):
-            # z = w_index . x + b_index, one gathered row per token
-            z = torch.einsum("bd,bd->b", self.node_weight[index], x) + self.node_bias[index]
+        for _ in range(self.depth + 1):
+            # z = w_index . x + b_index: one gathered row per token (index_select: several times faster than
+            # advanced indexing on CPU, and a multiply-sum beats a batched 1 x d @ d x 1 matmul)
+            z = (self.node_weight.index_select(0, index) * x).sum(-1) + self.node_bias.index_select(0, index)
             right = (z > 0).long()
             coefficients.append(self.activation(z.abs() if self.mirrored else z))
             outputs.append(2 * index + right if self.mirrored else index)  # row of node_out viewed as (nodes*2, d)
@@ -183,20 +187,28 @@ class FFF(nn.Module):
                             per_sample_weights=torch.stack(coefficients, 1).to(self.node_out.dtype), mode="sum")
         return y + self.out_bias, bottom - (2**self.depth - 1)
 
-    def _neuron_single(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token: the descent on Python integers (one dot product per level, no index tensors)."""
-        token, index, logits, rows = x[0], 0, [], []
+    def _neuron_single(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
+        """One token on CPU, no autograd: the descent on Python integers. Each level is one dot product, so the
+        per-operation overhead is the cost: torch's dispatch (~5 us per op, more for a Parameter's
+        __torch_function__) would be most of it, NumPy's (~1 us) is not. NumPy views share the tensors' memory."""
+        if self.node_weight.dtype != torch.float32:  # NumPy has no bfloat16; keep one path for the rest
+            return self._neuron_fast_batched(x)
+        weight, bias = self.node_weight.detach().numpy(), self.node_bias.detach().numpy()
+        token, index, logits, rows = x[0].detach().float().numpy(), 0, [], []
         for _ in range(self.depth + 1):
-            z = float(torch.dot(self.node_weight[index], token)) + float(self.node_bias[index])
+            z = float(weight[index].dot(token)) + float(bias[index])
             right = int(z > 0)
-            logits.append(z)
+            logits.append(abs(z) if self.mirrored else z)
             rows.append(2 * index + right if self.mirrored else index)
             bottom = index
             index = 2 * index + 1 + right
-        z = torch.tensor(logits, dtype=x.dtype)
-        coefficients = self.activation(z.abs() if self.mirrored else z).to(self.node_out.dtype)
-        y = torch.addmv(self.out_bias, self.node_out.flatten(0, 1)[rows].T, coefficients)
-        return y.unsqueeze(0), torch.tensor([bottom - (2**self.depth - 1)])
+        scalar = _SCALAR_ACTIVATIONS.get(_activation_key(self.activation))
+        if scalar is not None:
+            coefficients = numpy.array([scalar(z) for z in logits], dtype=numpy.float32)
+        else:
+            coefficients = self.activation(torch.tensor(logits)).numpy()
+        y = coefficients @ self.node_out.detach().flatten(0, 1).numpy()[rows] + self.out_bias.detach().numpy()
+        return torch.from_numpy(y).to(x.dtype).unsqueeze(0), bottom - (2**self.depth - 1)
 
     # -- leaf form -----------------------------------------------------------------------------------------------
 
@@ -233,9 +245,18 @@ class FFF(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------------
 
+    def uncounted_macs(self, x: torch.Tensor) -> int:
+        """MACs torch.utils.flop_counter misses: the neuron form's per-level dot products (multiply + sum)."""
+        tokens = x.numel() // self.in_features
+        return tokens * (self.depth + 1) * self.in_features if self.form == "neuron" else 0
+
     @torch.no_grad()
-    def _count(self, bottom: torch.Tensor) -> None:
-        if self.training:
+    def _count(self, bottom: torch.Tensor | int) -> None:
+        if not self.training:
+            return
+        if isinstance(bottom, int):  # the single-token path
+            self.leaf_usage[bottom] += 1
+        else:
             self.leaf_usage += torch.bincount(bottom.reshape(-1), minlength=self.leaf_usage.numel())
 
     def extra_repr(self) -> str:
@@ -243,6 +264,21 @@ class FFF(nn.Module):
         if self.form == "leaf":
             return shape + f", leaf_width={self.leaf_width}, region_leak={self.region_leak}"
         return shape + f", mirrored={self.mirrored}"
+
+
+def _activation_key(activation: nn.Module) -> str | None:
+    if type(activation) is nn.GELU:
+        return "gelu" if activation.approximate == "none" else None
+    return {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh"}.get(type(activation))
+
+
+# The activations as functions of one Python float, for the single-token path (same formulas as torch's).
+_SCALAR_ACTIVATIONS = {
+    "gelu": lambda z: 0.5 * z * (1.0 + math.erf(z / math.sqrt(2.0))),
+    "relu": lambda z: max(z, 0.0),
+    "silu": lambda z: z / (1.0 + math.exp(-z)) if z > -700 else 0.0,
+    "tanh": math.tanh,
+}
 
 
 def descend(logits: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:

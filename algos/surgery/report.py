@@ -152,10 +152,22 @@ def count_params(module: nn.Module) -> int:
 
 
 def count_macs(module: nn.Module, args: tuple, kwargs: dict) -> int:
-    """Multiply-accumulates of one call, from ``torch.utils.flop_counter`` (which counts 2 FLOPs per MAC)."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        module(*args, **kwargs)
-    return counter.get_total_flops() // 2
+    """Multiply-accumulates of one call, from ``torch.utils.flop_counter`` (which counts 2 FLOPs per MAC).
+
+    The call runs with autograd on, so modules take their general path rather than a fused inference kernel the
+    counter has no formula for (PyTorch's TransformerEncoderLayer fast path, FFF's single-token path). A module that
+    computes with ops the counter does not see (an FFF's gathered dot products are a multiply and a sum) adds its
+    own through an ``uncounted_macs(input)`` method."""
+    extra: list[int] = []
+    handles = [sub.register_forward_pre_hook(lambda sub, inputs: extra.append(sub.uncounted_macs(inputs[0])))
+               for sub in module.modules() if hasattr(sub, "uncounted_macs")]
+    try:
+        with FlopCounterMode(display=False) as counter, torch.enable_grad():
+            module(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counter.get_total_flops() // 2 + sum(extra)
 
 
 def measure_macs_on_first_call(report: SurgeryReport, *, example_inputs=None, model: nn.Module | None = None) -> None:

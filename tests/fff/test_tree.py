@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from algos.fff.tree import FFF, mixture_weights
+from algos.fff.tree import FFF, hard_leaf, mixture_weights
 
 
 def naive_forward(fff: FFF, token: torch.Tensor) -> torch.Tensor:
@@ -68,6 +68,15 @@ def test_fast_path_equals_reference_path_and_per_token_descent(form, depth, mirr
         naive = torch.stack([naive_forward(fff, token) for token in x[:16]])
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast[:16], naive, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", "tanh", torch.nn.GELU(approximate="tanh")])
+def test_single_token_path_for_each_activation(activation):
+    torch.manual_seed(0)
+    fff = FFF(24, 12, 4, activation=activation).eval()
+    x = torch.randn(1, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(fff(x), fff.forward_reference(x), rtol=1e-5, atol=1e-5)
 
 
 def test_leading_dimensions_are_kept():
@@ -196,6 +205,26 @@ def test_bfloat16(form):
     # a token near a split may take the other branch in bf16; most must agree closely
     close = ((low.float() - reference).norm(dim=1) < 0.05 * reference.norm(dim=1) + 0.05).float().mean()
     assert close > 0.8
+
+
+def test_leaf_form_matches_the_fastfeedforward_package():
+    """The FFF paper authors' implementation, same weight layout: soft training output equal; its eval path drops
+    the leaf output bias b2 (fastfeedforward 0.2.1), so ours equals theirs plus b2 of the chosen leaf."""
+    from fastfeedforward import FFF as PeerFFF
+
+    torch.manual_seed(0)
+    peer = PeerFFF(24, 8, 12, 3, activation=torch.nn.GELU())
+    ours = FFF(24, 12, 3, form="leaf", leaf_width=8)
+    with torch.no_grad():
+        for mine, theirs in [(ours.node_weight, peer.node_weights), (ours.node_bias, peer.node_biases[:, 0]),
+                             (ours.leaf_in, peer.w1s), (ours.leaf_in_bias, peer.b1s), (ours.leaf_out, peer.w2s),
+                             (ours.leaf_out_bias, peer.b2s)]:
+            mine.copy_(theirs)
+    x = torch.randn(64, 24)
+    torch.testing.assert_close(ours.train()(x), peer.train()(x))
+    with torch.no_grad():
+        leaf = hard_leaf(F.linear(x, ours.node_weight, ours.node_bias), 3)
+        torch.testing.assert_close(ours.eval()(x), peer.eval()(x) + peer.b2s[leaf])
 
 
 @pytest.mark.parametrize("kwargs,message", [
