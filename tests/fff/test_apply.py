@@ -84,6 +84,16 @@ def test_transformer_encoder_layer_feed_forward_and_fast_path():
     assert out.shape == x.shape
 
 
+def test_transformer_decoder_layer_feed_forward():
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(16, 2, 48, dropout=0.0, batch_first=True).eval()
+    x, memory = torch.randn(2, 4, 16), torch.randn(2, 6, 16)
+    report = apply_fff(layer_holder := nn.Sequential(layer), depth=2)
+    assert [row.fqn for row in report.replaced] == ["0.linear1"]
+    h = layer.norm2((h := layer.norm1(x + layer.self_attn(x, x, x)[0])) + layer.multihead_attn(h, memory, memory)[0])
+    torch.testing.assert_close(layer_holder[0](x, memory), layer.norm3(h + layer.linear1.fff(h)))
+
+
 def test_lone_linear_only_when_named_and_non_mlp_targets_are_refused():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.LayerNorm(16), nn.Linear(16, 4))
     with pytest.warns(NoEffectWarning, match="no .* module selected"):  # not an MLP shape, no name: nothing to do
