@@ -1,18 +1,29 @@
-"""Small models and data the algorithm tests share: a tiny HF BERT config, a ViT / TransformerEncoderLayer
-classifier with a batch, and a loader that repeats one batch (so the loss must fall if the model learns at all)."""
+"""Small models and data the algorithm tests share: a tiny HF BERT config and masked-LM model with a batch, a
+ViT / TransformerEncoderLayer classifier with a batch, and a loader that repeats one batch (so the loss must fall if
+the model learns at all)."""
 
 import torch
 import torchvision
-from composer.models import ComposerClassifier
+from composer.models import ComposerClassifier, HuggingFaceModel
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import BertConfig
+from transformers import BertConfig, BertForMaskedLM
 
 
 def tiny_bert_config(**overrides):
     values = dict(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
                   max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return BertConfig(**{**values, **overrides})
+
+
+def tiny_mlm_and_batch():
+    """A tiny HF BERT for masked LM (Composer-wrapped) and one batch with every third token as a label."""
+    torch.manual_seed(0)
+    model = HuggingFaceModel(BertForMaskedLM(tiny_bert_config()), use_logits=True)
+    ids = torch.randint(5, 100, (8, 16))
+    labels = torch.full_like(ids, -100)
+    labels[:, ::3] = ids[:, ::3]
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
 def losses_of(logger):

@@ -8,22 +8,15 @@ import pytest
 import torch
 from composer.core import Event, Timestamp
 from composer.loggers import InMemoryLogger
-from composer.models import HuggingFaceModel
-from transformers import BertForMaskedLM
 
 import algos
 from algos import FFF, FFFReplace
-from tests.models import classifier_and_batch, fixed_batches, losses_of, tiny_bert_config
+from tests.models import classifier_and_batch, fixed_batches, losses_of, tiny_mlm_and_batch
 from tests.surgery.test_composer import assert_same, final_state, make_trainer
 
 
 def test_tiny_bert_mlm_trains_with_leaf_trees_and_hardening(tmp_path):
-    torch.manual_seed(0)
-    model = HuggingFaceModel(BertForMaskedLM(tiny_bert_config()), use_logits=True)
-    ids = torch.randint(5, 100, (8, 16))
-    labels = torch.full_like(ids, -100)
-    labels[:, ::3] = ids[:, ::3]
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    model, batch = tiny_mlm_and_batch()
     logger = InMemoryLogger()
     algorithm = FFFReplace(depth=2, form="leaf", leaf_width=16, hardening=0.1, log_interval=4)
     trainer = make_trainer(model, fixed_batches(batch), tmp_path, [algorithm], logger=logger, max_duration="8ba")

@@ -7,14 +7,13 @@ import pytest
 import torch
 import torchvision
 from composer.loggers import InMemoryLogger
-from composer.models import HuggingFaceModel
 from torch import nn
-from transformers import BertForMaskedLM, BertModel
+from transformers import BertModel
 
 import algos
 from algos import FNetMixing, apply_fnet_mixing
 from algos.fnet import FourierBertAttention, FourierSelfAttention
-from tests.models import classifier_and_batch, fixed_batches, losses_of, tiny_bert_config
+from tests.models import classifier_and_batch, fixed_batches, losses_of, tiny_bert_config, tiny_mlm_and_batch
 from tests.surgery.test_composer import assert_same, final_state, make_trainer
 
 
@@ -115,12 +114,7 @@ def test_bad_arguments_are_one_line_errors():
 
 
 def test_tiny_bert_mlm_trains_in_composer_with_fnet_hybrid(tmp_path):
-    torch.manual_seed(0)
-    model = HuggingFaceModel(BertForMaskedLM(tiny_bert_config()), use_logits=True)
-    ids = torch.randint(5, 100, (8, 16))
-    labels = torch.full_like(ids, -100)
-    labels[:, ::3] = ids[:, ::3]
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    model, batch = tiny_mlm_and_batch()
     logger = InMemoryLogger()
     algorithm = FNetMixing(keep_attention_layers=[-1], padding="mask")
     trainer = make_trainer(model, fixed_batches(batch), tmp_path, [algorithm], logger=logger, max_duration="8ba")
