@@ -1,10 +1,60 @@
-"""The ``algos`` command."""
+"""The ``algos`` command: ``run``, ``compare`` and ``inspect`` YAML recipes, and the scripted ``demo``."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-COMMANDS = {"demo": "offline quick-start on bundled real data (scikit-learn digits)"}
+COMMANDS = {
+    "run": "train BASE.yaml [RECIPE.yaml ...] [key=value ...] and print a summary",
+    "compare": "baseline plus one run per recipe: table, JSON/CSV and a plot",
+    "inspect": "print the surgery report of BASE.yaml [RECIPE.yaml ...] without training",
+    "demo": "scripted Factorize-in-mid-training and resume check on the digits",
+}
+
+
+def parse(command: str, argv: list[str]) -> argparse.Namespace:
+    """YAML files, then ``key=value`` overrides (any order); ``compare`` also takes --out and --overwrite."""
+    parser = argparse.ArgumentParser(prog=f"algos {command}", description=COMMANDS[command])
+    parser.add_argument("items", nargs="*", metavar="FILE.yaml | key=value")
+    if command == "compare":
+        parser.add_argument("--out", default="runs/compare", help="folder for the runs and the comparison")
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder's runs")
+    args = parser.parse_args(argv)
+    args.overrides = [item for item in args.items if "=" in item]
+    args.paths = [item for item in args.items if "=" not in item]
+    return args
+
+
+def load(args: argparse.Namespace):
+    from algos.run.config import load_config
+    from algos.run.runner import default_name
+
+    config = load_config(args.paths, args.overrides)
+    if not config.run.name:
+        config.run.name = default_name(args.paths)
+    return config
+
+
+def run_command(command: str, argv: list[str]) -> None:
+    from algos.run.registry import ConfigError
+
+    args = parse(command, argv)
+    try:
+        if command == "run":
+            from algos.run.runner import run
+
+            run(load(args))
+        elif command == "inspect":
+            from algos.run.runner import inspect_config
+
+            print(inspect_config(load(args)))
+        else:
+            from algos.run.compare import compare
+
+            compare(args.paths, args.overrides, out=args.out, overwrite=args.overwrite)
+    except ConfigError as error:
+        sys.exit(f"algos {command}: {error}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -17,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         from algos.demo import main as demo
 
         demo(argv[1:])
+    else:
+        run_command(argv[0], argv[1:])
 
 
 if __name__ == "__main__":

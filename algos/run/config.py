@@ -2,19 +2,24 @@
 
 A base YAML describes a whole run; recipe YAMLs are fragments merged on top (usually an ``algorithms:`` entry).
 Overrides may only change keys that exist after the merge, so a typo is an error rather than a silently ignored
-setting.
+setting. An override whose value is a mapping replaces that key's whole mapping (``"data={name: synthetic}"``
+swaps the dataset without inheriting the old dataset's keys); any other value is merged in.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from algos.run.registry import ConfigError
 
 SECTIONS = ("run", "model", "data", "optimizer", "scheduler", "algorithms", "trainer", "loggers", "callbacks")
+# Present in every config, so that overrides such as run.name=... or run.overwrite=true always have a key to set.
+DEFAULTS = {"run": {"name": None, "dir": None, "overwrite": False, "seed": 0, "device": "auto"},
+            "algorithms": {}, "loggers": {}, "callbacks": {}}
 
 
 def load_config(paths: list[str], overrides: list[str] = ()) -> DictConfig:
@@ -32,20 +37,32 @@ def load_config(paths: list[str], overrides: list[str] = ()) -> DictConfig:
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: expected a mapping of sections, got a {type(loaded).__name__}")
         layers.append(loaded)
-    config = OmegaConf.merge(*layers)
+    config = OmegaConf.merge(OmegaConf.create(DEFAULTS), *layers)
     _check_sections(config, " + ".join(paths))
     OmegaConf.set_struct(config, True)
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r} is not key=value (e.g. trainer.max_duration=2ep)")
+        key, value = override.split("=", 1)
         try:
-            config.merge_with_dotlist([override])
+            mapping = _as_mapping(value)
+            if mapping is not None and OmegaConf.select(config, key) is not None:
+                OmegaConf.update(config, key, mapping, merge=False)
+            else:
+                config.merge_with_dotlist([override])
         except OmegaConfBaseException:
-            key = override.split("=", 1)[0]
             raise ConfigError(f"override {override!r}: no key {key!r} in the merged config; existing keys under "
                               f"{_parent_key(key)!r}: {', '.join(_keys_at(config, _parent_key(key)))}") from None
     OmegaConf.set_struct(config, False)
     return config
+
+
+def _as_mapping(value: str) -> dict | None:
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
 
 
 def _check_sections(config: DictConfig, where: str) -> None:

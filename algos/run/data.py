@@ -1,27 +1,256 @@
-"""Datasets that need no network."""
+"""The data registry: a name in ``data.name`` -> ``(train_dataloader, eval_dataloader)`` for the model built.
+
+Each builder gets the model's ``InputSpec`` (``spec``) besides its config keys. Offline: ``digits`` (images shipped
+with scikit-learn), ``text_mlm`` with its default corpus (Python's own reference documentation, shipped with every
+Python), ``synthetic``. Needing the network or a local copy: ``cifar10`` (torchvision), ``imagenet`` (an image
+folder), ``glue`` and ``text_mlm`` with ``dataset=`` (HF datasets).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from composer.utils import dist
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from algos.run.models import InputSpec
+from algos.run.registry import ConfigError, Registry
+
+DATA = Registry("data")
 
 
-def digits_dataloaders(batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0) -> tuple[DataLoader, DataLoader]:
-    """UCI handwritten digits (1,797 8x8 grey images, 10 classes), shipped inside scikit-learn.
+def _loaders(train: Dataset, val: Dataset, batch_size: int, eval_batch_size: int | None = None,
+             num_workers: int = 0, collate_fn=None) -> tuple[DataLoader, DataLoader]:
+    """Composer-ready loaders: a distributed sampler each (so DDP splits the data), shuffled for training."""
+    common = dict(num_workers=num_workers, collate_fn=collate_fn, persistent_workers=num_workers > 0)
+    return (DataLoader(train, batch_size=batch_size, sampler=dist.get_sampler(train, shuffle=True), drop_last=True,
+                       **common),
+            DataLoader(val, batch_size=eval_batch_size or batch_size, sampler=dist.get_sampler(val, shuffle=False),
+                       **common))
 
-    Returns (train, val) loaders of ``(image (1, 8, 8) in [0, 1], label)``; the split is fixed by ``seed``.
-    """
+
+def _check_image_spec(spec: InputSpec, shape: tuple[int, ...], num_classes: int, name: str) -> None:
+    if spec.kind != "image":
+        raise ConfigError(f"data.name={name!r} gives images; the model wants {spec.kind} ({spec.task})")
+    if tuple(spec.shape) != tuple(shape) or spec.num_classes != num_classes:
+        raise ConfigError(f"data.name={name!r} gives {num_classes} classes of {tuple(shape)} images; the model "
+                          f"takes {spec.num_classes} classes of {tuple(spec.shape)} (set the model's keys to match)")
+
+
+@DATA.register("digits")
+def digits(*, spec: InputSpec | None = None, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0,
+           channels: int = 1) -> tuple[DataLoader, DataLoader]:
+    """UCI handwritten digits (1,797 8x8 grey images, 10 classes), shipped inside scikit-learn: real data, no
+    network. A fixed ``seed`` split; ``channels=3`` repeats the grey channel (for RGB-only models)."""
     from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(digits.target, dtype=torch.long)
+    if spec is not None:
+        _check_image_spec(spec, (channels, 8, 8), 10, "digits")
+    loaded = load_digits()
+    images = torch.tensor(loaded.images, dtype=torch.float32).unsqueeze(1).repeat(1, channels, 1, 1) / 16.0
+    labels = torch.tensor(loaded.target, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     n_val = int(len(labels) * val_fraction)
     val, train = order[:n_val], order[n_val:]
-    train_set, val_set = TensorDataset(images[train], labels[train]), TensorDataset(images[val], labels[val])
-    return (
-        DataLoader(train_set, batch_size=batch_size, sampler=dist.get_sampler(train_set, shuffle=True)),
-        DataLoader(val_set, batch_size=batch_size, sampler=dist.get_sampler(val_set, shuffle=False)),
-    )
+    return _loaders(TensorDataset(images[train], labels[train]), TensorDataset(images[val], labels[val]), batch_size)
+
+
+def digits_dataloaders(batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0):
+    """(train, val) digits loaders of ``(image (1, 8, 8) in [0, 1], label)`` (used by ``algos demo``)."""
+    return digits(batch_size=batch_size, val_fraction=val_fraction, seed=seed)
+
+
+@DATA.register("synthetic")
+def synthetic(*, spec: InputSpec, batch_size: int = 8, num_samples: int = 64, seq_len: int = 128,
+              seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    """Random batches shaped for the model (smoke runs, CI): images with labels, or token ids with masked-LM /
+    class labels. Learns nothing; its metrics mean nothing."""
+    generator = torch.Generator().manual_seed(seed)
+    if spec.kind == "image":
+        def make(n):
+            return TensorDataset(torch.rand(n, *spec.shape, generator=generator),
+                                 torch.randint(spec.num_classes, (n,), generator=generator))
+        return _loaders(make(num_samples), make(max(batch_size, num_samples // 4)), batch_size)
+    length = min(seq_len, spec.max_length)
+
+    def make_tokens(n):
+        ids = torch.randint(5, spec.vocab_size, (n, length), generator=generator)
+        if spec.task == "mlm":
+            labels = torch.where(torch.rand(n, length, generator=generator) < 0.15, ids, -100)
+            labels[:, 0] = ids[:, 0]  # at least one label per row
+        else:
+            labels = torch.randint(spec.num_classes, (n,), generator=generator)
+        return _DictDataset(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    return _loaders(make_tokens(num_samples), make_tokens(max(batch_size, num_samples // 4)), batch_size)
+
+
+class _DictDataset(Dataset):
+    """Rows of equally long tensors as dicts (what HF models take)."""
+
+    def __init__(self, **columns: torch.Tensor):
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, index: int) -> dict:
+        return {key: column[index] for key, column in self.columns.items()}
+
+
+@DATA.register("cifar10")
+def cifar10(*, spec: InputSpec, root: str = "data/cifar10", download: bool = False, batch_size: int = 128,
+            eval_batch_size: int = 512, augment: bool = True, num_workers: int = 2) -> tuple[DataLoader, DataLoader]:
+    """CIFAR-10 via torchvision (random crop + flip for training, per-channel normalisation)."""
+    import torchvision
+    from torchvision import transforms as T
+
+    _check_image_spec(spec, (3, 32, 32), 10, "cifar10")
+    normalize = T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    train_tf = T.Compose(([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else [])
+                         + [T.ToTensor(), normalize])
+    try:
+        train = torchvision.datasets.CIFAR10(root, train=True, download=download, transform=train_tf)
+        val = torchvision.datasets.CIFAR10(root, train=False, download=download,
+                                           transform=T.Compose([T.ToTensor(), normalize]))
+    except RuntimeError as error:
+        raise ConfigError(f"data.root={root!r}: CIFAR-10 not found there ({error}); set data.download=true "
+                          f"(needs the network) or point data.root at a folder holding cifar-10-batches-py") from None
+    return _loaders(train, val, batch_size, eval_batch_size, num_workers)
+
+
+@DATA.register("imagenet")
+def imagenet(*, spec: InputSpec, path: str, batch_size: int = 64, eval_batch_size: int = 128,
+             num_workers: int = 8) -> tuple[DataLoader, DataLoader]:
+    """ImageNet as an image folder: ``path/train/<class>/*.JPEG`` and ``path/val/<class>/*.JPEG``."""
+    import torchvision
+    from torchvision import transforms as T
+
+    for split in ("train", "val"):
+        if not (Path(path) / split).is_dir():
+            raise ConfigError(f"data.path={path!r}: no {split}/ folder of class subfolders there (ImageNet is not "
+                              f"downloadable; prepare it as an image folder)")
+    size = spec.shape[-1]
+    normalize = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    train = torchvision.datasets.ImageFolder(Path(path) / "train", T.Compose(
+        [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize]))
+    val = torchvision.datasets.ImageFolder(Path(path) / "val", T.Compose(
+        [T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), normalize]))
+    return _loaders(train, val, batch_size, eval_batch_size, num_workers)
+
+
+# -------------------------------------------------------------------------------------------------------- text
+def python_docs_corpus() -> list[str]:
+    """The default offline text: Python's reference documentation topics (``pydoc_data.topics``, about 0.8 MB of
+    English prose and code, shipped with CPython), one document per topic."""
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def word_piece_tokenizer(texts: list[str], vocab_size: int):
+    """A BERT-style WordPiece tokenizer trained on ``texts`` (offline; a second or two on the default corpus),
+    wrapped as an HF fast tokenizer with BERT's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def _tokenizer(name: str | None, texts: list[str], spec: InputSpec):
+    if name is None:
+        return word_piece_tokenizer(texts, spec.vocab_size)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if len(tokenizer) > spec.vocab_size:
+        raise ConfigError(f"data.tokenizer={name!r} has {len(tokenizer)} tokens; the model's vocab_size is "
+                          f"{spec.vocab_size}")
+    return tokenizer
+
+
+def _check_text_spec(spec: InputSpec, task: str, name: str) -> None:
+    if spec.kind != "tokens" or spec.task != task:
+        raise ConfigError(f"data.name={name!r} gives {task} token batches; the model wants {spec.kind} "
+                          f"({spec.task})")
+
+
+@DATA.register("text_mlm")
+def text_mlm(*, spec: InputSpec, files: list[str] | None = None, dataset: str | None = None,
+             dataset_config: str | None = None, text_column: str = "text", tokenizer: str | None = None,
+             seq_len: int = 128, mlm_probability: float = 0.15, val_fraction: float = 0.05, batch_size: int = 32,
+             max_documents: int | None = None) -> tuple[DataLoader, DataLoader]:
+    """Masked-LM batches from text: local ``files`` (one document each), an HF ``dataset`` (needs the network),
+    or by default Python's reference documentation (offline). Documents are tokenized, joined and cut into
+    ``seq_len``-token rows; ``mlm_probability`` of tokens become masked-LM labels (BERT's 80/10/10 rule).
+    ``tokenizer``: an HF tokenizer name or folder; by default a WordPiece tokenizer trained on the text itself."""
+    from transformers import DataCollatorForLanguageModeling
+
+    _check_text_spec(spec, "mlm", "text_mlm")
+    if files and dataset:
+        raise ConfigError("data.files and data.dataset are alternatives; give one")
+    if files:
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing:
+            raise ConfigError(f"data.files: {', '.join(missing)} not found")
+        texts = [Path(f).read_text(encoding="utf-8") for f in files]
+    elif dataset:
+        from datasets import load_dataset
+
+        texts = list(load_dataset(dataset, dataset_config, split="train")[text_column])
+    else:
+        texts = python_docs_corpus()
+    texts = texts[:max_documents] if max_documents else texts
+    tok = _tokenizer(tokenizer, texts, spec)
+    length = min(seq_len, spec.max_length) - 2
+    ids = [i for text in texts for i in tok(text, add_special_tokens=False)["input_ids"] + [tok.sep_token_id]]
+    rows = torch.tensor(ids[: len(ids) // length * length]).view(-1, length)
+    rows = torch.cat([torch.full((len(rows), 1), tok.cls_token_id), rows,
+                      torch.full((len(rows), 1), tok.sep_token_id)], dim=1)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
+    n_val = max(1, int(len(rows) * val_fraction))
+    if len(rows) - n_val < batch_size:
+        raise ConfigError(f"data: only {len(rows)} rows of {length + 2} tokens in the text; lower data.seq_len or "
+                          f"data.batch_size ({batch_size}), or give more text")
+    split = {"val": rows[order[:n_val]], "train": rows[order[n_val:]]}
+    sets = {key: [{"input_ids": row} for row in value] for key, value in split.items()}
+    collate = DataCollatorForLanguageModeling(tok, mlm_probability=mlm_probability)
+    return _loaders(sets["train"], sets["val"], batch_size, collate_fn=collate)
+
+
+GLUE_TEXT_KEYS = {"cola": ("sentence", None), "sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2"),
+                  "qqp": ("question1", "question2"), "mnli": ("premise", "hypothesis"),
+                  "qnli": ("question", "sentence"), "rte": ("sentence1", "sentence2"),
+                  "wnli": ("sentence1", "sentence2")}
+
+
+@DATA.register("glue")
+def glue(*, spec: InputSpec, task: str = "sst2", tokenizer: str = "bert-base-uncased", max_length: int = 128,
+         batch_size: int = 32, eval_batch_size: int = 64) -> tuple[DataLoader, DataLoader]:
+    """A GLUE classification task via HF datasets (needs the network, or the HF cache), tokenized with an HF
+    tokenizer (the one the pretrained model was trained with)."""
+    from datasets import load_dataset
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    _check_text_spec(spec, "classification", "glue")
+    if task not in GLUE_TEXT_KEYS:
+        raise ConfigError(f"data.task={task!r}; valid: {', '.join(GLUE_TEXT_KEYS)}")
+    first, second = GLUE_TEXT_KEYS[task]
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    raw = load_dataset("glue", task)
+
+    def encode(rows):
+        return tok(rows[first], rows[second] if second else None, truncation=True, max_length=max_length)
+
+    encoded = raw.map(encode, batched=True, remove_columns=[c for c in raw["train"].column_names if c != "label"])
+    encoded = encoded.rename_column("label", "labels")
+    val_split = "validation_matched" if task == "mnli" else "validation"
+    return _loaders(encoded["train"], encoded[val_split], batch_size, eval_batch_size,
+                    collate_fn=DataCollatorWithPadding(tok))

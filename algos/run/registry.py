@@ -1,8 +1,9 @@
 """Registries: a name in a YAML file -> a function that builds the thing (llm-foundry's pattern, without catalogue).
 
-Each registry maps names to builder functions; ``build(registry, spec, where)`` calls the builder with the spec's
-keyword arguments. An unknown name, or an argument the builder does not take, is a one-line error naming the config
-key and the valid choices, raised before anything is built.
+Each registry maps names to builder functions; ``registry.build(name, kwargs, where)`` calls the builder with
+the config's keyword arguments. An unknown name, an argument the builder does not take or of a plainly wrong type,
+and a ValueError from the builder's own checks are one-line ``ConfigError``s naming the config key (and the valid
+choices), raised before any training starts.
 """
 
 from __future__ import annotations
@@ -45,16 +46,36 @@ class Registry:
     def build(self, name: str, kwargs: Mapping, where: str, **context):
         """Call the builder ``name`` with ``kwargs`` (from the config) plus ``context`` (from the runner)."""
         builder = self.get(name, where)
-        check_kwargs(builder, kwargs, f"{where}.{name}" if where else name)
-        return builder(**context, **kwargs)
+        check_kwargs(builder, kwargs, where, reserved=tuple(context))
+        try:
+            return builder(**context, **kwargs)
+        except ConfigError:
+            raise
+        except ValueError as error:  # the builder's own argument check: one line, prefixed with the config key
+            raise ConfigError(f"{where} ({name}): {str(error).splitlines()[0]}") from None
 
 
-def check_kwargs(function: Callable, kwargs: Mapping, where: str) -> None:
-    """One-line error for a keyword ``function`` does not take, listing those it does."""
+_SIMPLE_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def check_kwargs(function: Callable, kwargs: Mapping, where: str, reserved: tuple[str, ...] = ()) -> None:
+    """One-line error for a keyword ``function`` does not take (listing those it does), or a value whose type
+    contradicts a plain ``int`` / ``float`` / ``bool`` / ``str`` annotation (an int passes for a float)."""
     parameters = inspect.signature(function).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
-        return
-    accepted = [name for name, p in parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    accepted = [name for name, p in parameters.items()
+                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name not in reserved and name != "self"]
     unknown = [key for key in kwargs if key not in accepted]
-    if unknown:
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
         raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(accepted)}")
+    for key, value in kwargs.items():
+        annotation = parameters[key].annotation if key in parameters else None
+        expected = _SIMPLE_TYPES.get(annotation if isinstance(annotation, str) else getattr(annotation, "__name__",
+                                                                                              None))
+        if expected is None or value is None:
+            continue
+        ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ConfigError(f"{where}.{key}: expected {expected.__name__}, got {value!r} "
+                              f"({type(value).__name__})")

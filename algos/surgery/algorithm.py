@@ -11,6 +11,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
+from algos.surgery.replace import _Planned, planning_only
 from algos.surgery.report import SurgeryReport
 from algos.surgery.skeleton import meta_copy
 from algos.surgery.targets import FilterFn, ModuleNames
@@ -70,6 +71,11 @@ class SurgeryAlgorithm(Algorithm):
         return type(self).__name__
 
     @property
+    def applied(self) -> bool:
+        """True once the surgery has happened in this run."""
+        return self._done
+
+    @property
     def calibration_needed(self) -> int:
         """How many train batches :meth:`surgery` wants as calibration (0: none)."""
         return 0
@@ -78,6 +84,16 @@ class SurgeryAlgorithm(Algorithm):
     def surgery(self, model: nn.Module, optimizers=None, calibration=None) -> SurgeryReport:
         """Rewrite ``model`` in place, keep ``optimizers`` consistent, return the report. ``calibration`` is an
         iterable of batches for the model (drawn lazily from the train dataloader) when the subclass asked for it."""
+
+    def plan(self, model: nn.Module) -> tuple[list[str], list]:
+        """What :meth:`surgery` would select in ``model`` now, without calibrating or changing anything:
+        ``(names of the targets, skipped candidates)``. Argument errors surface here as they would in surgery."""
+        with planning_only():
+            try:
+                self.surgery(model, calibration=iter(()))
+            except _Planned as planned:
+                return planned.targets, planned.skipped
+        raise RuntimeError(f"{self.name}.surgery did not go through apply_surgery; cannot plan it")
 
     def match(self, event: Event, state: State) -> bool:
         return self._due(event, state) or (event == Event.BATCH_END and bool(self._unlogged))

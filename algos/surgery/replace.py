@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -45,6 +47,27 @@ class SkipModule(Exception):
     """Raised by a converter to leave a module unchanged; the message becomes the report's reason."""
 
 
+class _Planned(Exception):
+    """Stops ``apply_surgery`` right after target selection while ``planning_only`` is active."""
+
+    def __init__(self, targets: list[str], skipped: list[Skip]):
+        self.targets, self.skipped = targets, skipped
+
+
+_planning: ContextVar[bool] = ContextVar("planning", default=False)
+
+
+@contextmanager
+def planning_only():
+    """Inside this block ``apply_surgery`` only selects: it raises ``_Planned`` with the targets' names and the
+    skipped candidates, before calibrating, converting or changing anything. See ``SurgeryAlgorithm.plan``."""
+    token = _planning.set(True)
+    try:
+        yield
+    finally:
+        _planning.reset(token)
+
+
 def apply_surgery(
     model: nn.Module,
     convert: Converter,
@@ -78,6 +101,8 @@ def apply_surgery(
         strict=strict,
         candidate_fn=candidate_fn,
     )
+    if _planning.get():
+        raise _Planned([fqn for fqn, _ in targets], list(skipped))
     report = SurgeryReport(algorithm, skipped=list(skipped))
     if prepare is not None and targets:
         prepare(targets)

@@ -1,0 +1,200 @@
+"""The model registry: a name in ``model.name`` -> a Composer model.
+
+Every builder returns a ``ComposerModel`` carrying an ``InputSpec`` (``model.input_spec``) that says what a batch looks
+like, so the ``synthetic`` dataset can make shape-correct batches for any registered model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from composer.models import ComposerClassifier, ComposerModel
+from torch import nn
+
+from algos.run.registry import ConfigError, Registry
+
+MODELS = Registry("model")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model eats. ``kind="image"``: ``(image (C, H, W), label)`` pairs; ``kind="tokens"``: dicts of
+    ``input_ids`` / ``attention_mask`` / ``labels`` with ids below ``vocab_size`` and at most ``max_length`` tokens;
+    ``task`` is ``"classification"`` (one label per sample) or ``"mlm"`` (masked-token labels)."""
+
+    kind: str
+    task: str = "classification"
+    shape: tuple[int, ...] = ()
+    num_classes: int = 0
+    vocab_size: int = 0
+    max_length: int = 0
+
+
+def _with_spec(model: ComposerModel, spec: InputSpec) -> ComposerModel:
+    model.input_spec = spec
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- image classifiers
+class ResidualMLP(nn.Module):
+    """Flatten -> Linear stem -> ``blocks`` x (x + MLP(LayerNorm(x))) -> LayerNorm -> Linear head.
+
+    Each MLP is ``nn.Sequential(Linear(width, hidden), GELU, Linear(hidden, width))``: the shape FFF-replace and
+    Factorize look for, in a net small enough to train on the digits in seconds."""
+
+    def __init__(self, in_features: int, width: int, hidden: int, blocks: int, num_classes: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width))
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(blocks))
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)) for _ in range(blocks))
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for norm, mlp in zip(self.norms, self.mlps):
+            x = x + mlp(norm(x))
+        return self.head(x)
+
+
+@MODELS.register("mlp")
+def mlp(*, image_shape: tuple[int, ...] = (1, 8, 8), width: int = 256, hidden: int = 512, blocks: int = 2,
+        num_classes: int = 10) -> ComposerModel:
+    """A residual MLP classifier (default: sized for the 8x8 digits)."""
+    shape = tuple(image_shape)
+    net = ResidualMLP(int(torch.tensor(shape).prod()), width, hidden, blocks, num_classes)
+    return _with_spec(ComposerClassifier(net, num_classes=num_classes), InputSpec("image", shape=shape,
+                                                                                   num_classes=num_classes))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, channels: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != channels:  # projection shortcut ("option B")
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
+                                          nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """He et al. (2016) section 4.2: a 3x3 conv, three stages of (depth - 2) / 6 basic blocks at 16 / 32 / 64
+    channels (stride 2 between stages), global average pooling, a linear head. Written here because torchvision
+    only has the ImageNet ResNets (and Composer dropped its model zoo); shortcuts that change shape use a 1x1
+    projection."""
+
+    def __init__(self, depth: int, num_classes: int):
+        super().__init__()
+        blocks = (depth - 2) // 6
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        layers, channels = [], 16
+        for stage, width in enumerate((16, 32, 64)):
+            for index in range(blocks):
+                layers.append(_BasicBlock(channels, width, 2 if stage > 0 and index == 0 else 1))
+                channels = width
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.stem(x)))
+
+
+@MODELS.register("cifar_resnet")
+def cifar_resnet(*, depth: int = 56, num_classes: int = 10) -> ComposerModel:
+    """The CIFAR ResNets (depth 6n + 2: 20, 32, 44, 56, 110) on 3 x 32 x 32 images."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ConfigError(f"model.depth={depth}: a CIFAR ResNet has depth 6n + 2 (20, 32, 44, 56, 110)")
+    return _with_spec(ComposerClassifier(CifarResNet(depth, num_classes), num_classes=num_classes),
+                      InputSpec("image", shape=(3, 32, 32), num_classes=num_classes))
+
+
+@MODELS.register("resnet")
+def resnet(*, arch: str = "resnet50", num_classes: int = 1000, weights: str | None = None,
+           image_size: int = 224) -> ComposerModel:
+    """A torchvision ImageNet ResNet (``arch``: resnet18/34/50/101/152); ``weights`` a torchvision weights name
+    such as ``IMAGENET1K_V2`` (downloads them)."""
+    import torchvision
+
+    archs = [name for name in torchvision.models.list_models(torchvision.models) if name.startswith("resnet")]
+    if arch not in archs:
+        raise ConfigError(f"model.arch={arch!r} is not a torchvision ResNet; valid: {', '.join(sorted(archs))}")
+    net = torchvision.models.get_model(arch, weights=weights, **({} if weights else {"num_classes": num_classes}))
+    return _with_spec(ComposerClassifier(net, num_classes=num_classes),
+                      InputSpec("image", shape=(3, image_size, image_size), num_classes=num_classes))
+
+
+@MODELS.register("vit")
+def vit(*, image_size: int = 32, channels: int = 3, patch_size: int = 4, num_layers: int = 6, num_heads: int = 4,
+        hidden_dim: int = 192, mlp_dim: int = 768, dropout: float = 0.0, num_classes: int = 10) -> ComposerModel:
+    """A small torchvision VisionTransformer (pre-LN encoder, class token); defaults suit CIFAR-10."""
+    import torchvision
+
+    if image_size % patch_size:
+        raise ConfigError(f"model.patch_size={patch_size} does not divide model.image_size={image_size}")
+    net = torchvision.models.VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=num_layers,
+                                               num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=mlp_dim,
+                                               dropout=dropout, num_classes=num_classes)
+    if channels != 3:  # torchvision's patch embedding is fixed to RGB
+        net.conv_proj = nn.Conv2d(channels, hidden_dim, patch_size, patch_size)
+    return _with_spec(ComposerClassifier(net, num_classes=num_classes),
+                      InputSpec("image", shape=(channels, image_size, image_size), num_classes=num_classes))
+
+
+# ------------------------------------------------------------------------------------------------------- HF BERT
+BERT_CONFIGS = {
+    # bert-base-uncased's shape (BertConfig's defaults), random init: no download.
+    "base": {},
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
+}
+
+
+def _bert(head: str, config: str | dict, pretrained: str | None, **extra):
+    import transformers
+
+    model_class = getattr(transformers, head)
+    if pretrained:  # a hub name (needs the network once) or a local directory
+        return model_class.from_pretrained(pretrained, **extra)
+    if isinstance(config, str):
+        if config not in BERT_CONFIGS:
+            raise ConfigError(f"model.config={config!r}; valid: {', '.join(BERT_CONFIGS)} or a mapping of "
+                              f"BertConfig fields")
+        config = BERT_CONFIGS[config]
+    return model_class(transformers.BertConfig(**dict(config), **extra))
+
+
+@MODELS.register("bert_mlm")
+def bert_mlm(*, config: str | dict = "base", pretrained: str | None = None) -> ComposerModel:
+    """HF ``BertForMaskedLM`` from a config (``"base"``, ``"tiny"`` or BertConfig fields) or ``pretrained``."""
+    from composer.metrics.nlp import LanguageCrossEntropy, MaskedAccuracy
+    from composer.models import HuggingFaceModel
+
+    net = _bert("BertForMaskedLM", config, pretrained)
+    model = HuggingFaceModel(net, use_logits=True, metrics=[LanguageCrossEntropy(), MaskedAccuracy()])
+    return _with_spec(model, InputSpec("tokens", task="mlm", vocab_size=net.config.vocab_size,
+                                       max_length=net.config.max_position_embeddings))
+
+
+@MODELS.register("bert_classifier")
+def bert_classifier(*, config: str | dict = "base", pretrained: str | None = None,
+                    num_labels: int = 2) -> ComposerModel:
+    """HF ``BertForSequenceClassification`` (GLUE fine-tuning), from a config or ``pretrained``."""
+    from composer.models import HuggingFaceModel
+    from torchmetrics.classification import MulticlassAccuracy
+
+    net = _bert("BertForSequenceClassification", config, pretrained, num_labels=num_labels)
+    model = HuggingFaceModel(net, use_logits=True, metrics=[MulticlassAccuracy(num_classes=num_labels,
+                                                                               average="micro")])
+    return _with_spec(model, InputSpec("tokens", task="classification", num_classes=num_labels,
+                                       vocab_size=net.config.vocab_size,
+                                       max_length=net.config.max_position_embeddings))
