@@ -44,7 +44,7 @@ def run_command(command: str, argv: list[str]) -> None:
         if command == "run":
             from algos.run.runner import run
 
-            run(load(args))
+            run(load(args), show_config=True)
         elif command == "inspect":
             from algos.run.runner import inspect_config
 

@@ -119,7 +119,8 @@ def plot(summaries: list[dict], path: Path) -> None:
     panels = 2 + len(eval_names)
     figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    markers = {group: marker for group, marker in zip(dict.fromkeys(s["group"] for s in summaries), "osD^v<>")}
+    groups = list(dict.fromkeys(s["group"] for s in summaries))
+    markers = {group: "osD^v<>p*h"[index % 10] for index, group in enumerate(groups)}
     for index, s in enumerate(summaries):
         colour = colours[index % len(colours)]
         if metric in s["metrics"]:
@@ -128,13 +129,14 @@ def plot(summaries: list[dict], path: Path) -> None:
                              xytext=(5, 5), fontsize=8)
         losses = s["history"]["train_loss"]
         axes[1].plot([b for b, _ in losses], [v for _, v in losses], color=colour, label=s["name"], lw=1)
-        for axis, name in zip(axes[2:], eval_names):
+        for axis, name in zip(axes[2:], eval_names, strict=True):
             points = [(b, m[name]) for b, m in s["history"]["eval"] if name in m]
             axis.plot([b for b, _ in points], [v for _, v in points], color=colour, marker="o", ms=3,
                       label=s["name"])
+    axes[0].margins(0.15)  # room for the labels
     axes[0].set(xlabel="training throughput (samples/s)", ylabel=f"final {metric}", title=f"{metric} vs speed")
     axes[1].set(xlabel="batch", ylabel="train loss", title="train loss", yscale="log")
-    for axis, name in zip(axes[2:], eval_names):
+    for axis, name in zip(axes[2:], eval_names, strict=True):
         axis.set(xlabel="batch", ylabel=name, title=f"eval {name}")
     axes[1].legend(fontsize=7)
     for axis in axes:

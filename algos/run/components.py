@@ -87,9 +87,11 @@ def _wandb_api_key() -> str | None:
 
 
 @LOGGERS.register("file")
-def file_logger(*, run_dir: str, run_name: str, filename: str = "log.txt", log_interval: int = 1) -> FileLogger:
-    """Composer's FileLogger: every logged metric, as text, in the run directory."""
-    return FileLogger(filename=os.path.join(run_dir, filename), log_interval=log_interval)
+def file_logger(*, run_dir: str, run_name: str, filename: str = "logs-rank{rank}.txt",
+                capture_stdout: bool = True) -> FileLogger:
+    """Composer's FileLogger: every logged metric (and the console output), as text, in the run directory."""
+    return FileLogger(filename=os.path.join(run_dir, filename), capture_stdout=capture_stdout,
+                      capture_stderr=capture_stdout)
 
 
 @LOGGERS.register("console")

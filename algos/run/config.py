@@ -1,9 +1,10 @@
 """Run configuration: YAML files merged left to right with omegaconf, then ``key=value`` overrides.
 
 A base YAML describes a whole run; recipe YAMLs are fragments merged on top (usually an ``algorithms:`` entry).
-Overrides may only change keys that exist after the merge, so a typo is an error rather than a silently ignored
-setting. An override whose value is a mapping replaces that key's whole mapping (``"data={name: synthetic}"``
-swaps the dataset without inheriting the old dataset's keys); any other value is merged in.
+An override may also add a key (``trainer.eval_subset_num_batches=1``): every section's keys are checked
+against what its builder takes when the run is built, so a typo is still an error naming the valid keys. An
+override whose value is a mapping replaces that key's whole mapping (``"data={name: synthetic}"`` swaps the dataset
+without inheriting the old dataset's keys); any other value is merged in.
 """
 
 from __future__ import annotations
@@ -39,21 +40,21 @@ def load_config(paths: list[str], overrides: list[str] = ()) -> DictConfig:
         layers.append(loaded)
     config = OmegaConf.merge(OmegaConf.create(DEFAULTS), *layers)
     _check_sections(config, " + ".join(paths))
-    OmegaConf.set_struct(config, True)
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r} is not key=value (e.g. trainer.max_duration=2ep)")
         key, value = override.split("=", 1)
+        if "." not in key and key not in SECTIONS:
+            raise ConfigError(f"override {override!r}: unknown section {key!r}; valid: {', '.join(SECTIONS)}")
+        mapping = _as_mapping(value)
         try:
-            mapping = _as_mapping(value)
-            if mapping is not None and OmegaConf.select(config, key) is not None:
+            if mapping is not None:
                 OmegaConf.update(config, key, mapping, merge=False)
             else:
                 config.merge_with_dotlist([override])
-        except OmegaConfBaseException:
-            raise ConfigError(f"override {override!r}: no key {key!r} in the merged config; existing keys under "
-                              f"{_parent_key(key)!r}: {', '.join(_keys_at(config, _parent_key(key)))}") from None
-    OmegaConf.set_struct(config, False)
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"override {override!r}: {str(error).splitlines()[0]}") from None
+    _check_sections(config, "overrides")
     return config
 
 
@@ -70,11 +71,3 @@ def _check_sections(config: DictConfig, where: str) -> None:
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(map(repr, unknown))}; valid: {', '.join(SECTIONS)}")
 
-
-def _parent_key(key: str) -> str:
-    return key.rpartition(".")[0]
-
-
-def _keys_at(config: DictConfig, key: str) -> list[str]:
-    node = OmegaConf.select(config, key) if key else config
-    return [str(k) for k in node] if isinstance(node, DictConfig) else []

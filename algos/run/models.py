@@ -53,7 +53,7 @@ class ResidualMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
-        for norm, mlp in zip(self.norms, self.mlps):
+        for norm, mlp in zip(self.norms, self.mlps, strict=True):
             x = x + mlp(norm(x))
         return self.head(x)
 

@@ -51,7 +51,7 @@ class Registry:
             return builder(**context, **kwargs)
         except ConfigError:
             raise
-        except ValueError as error:  # the builder's own argument check: one line, prefixed with the config key
+        except (ValueError, TypeError) as error:  # the builder's own argument checks: one line, prefixed with the key
             raise ConfigError(f"{where} ({name}): {str(error).splitlines()[0]}") from None
 
 
@@ -59,14 +59,18 @@ _SIMPLE_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
 def check_kwargs(function: Callable, kwargs: Mapping, where: str, reserved: tuple[str, ...] = ()) -> None:
-    """One-line error for a keyword ``function`` does not take (listing those it does), or a value whose type
-    contradicts a plain ``int`` / ``float`` / ``bool`` / ``str`` annotation (an int passes for a float)."""
+    """One-line error for a keyword ``function`` does not take (listing those it does), a required one missing,
+    or a value whose type contradicts a plain ``int`` / ``float`` / ``bool`` / ``str`` annotation (an int passes
+    for a float)."""
     parameters = inspect.signature(function).parameters
     accepted = [name for name, p in parameters.items()
                 if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name not in reserved and name != "self"]
     unknown = [key for key in kwargs if key not in accepted]
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
         raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(accepted)}")
+    missing = [name for name in accepted if parameters[name].default is parameters[name].empty and name not in kwargs]
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {', '.join(map(repr, missing))} (no default)")
     for key, value in kwargs.items():
         annotation = parameters[key].annotation if key in parameters else None
         expected = _SIMPLE_TYPES.get(annotation if isinstance(annotation, str) else getattr(annotation, "__name__",

@@ -7,6 +7,7 @@ training starts, and an existing run directory is never written into unless ``ru
 
 from __future__ import annotations
 
+import inspect
 import json
 import resource
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 from composer import Trainer
-from composer.core import Callback, Event, State
+from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist, reproducibility
 from omegaconf import DictConfig, OmegaConf
@@ -51,6 +52,7 @@ class Built:
     train: torch.utils.data.DataLoader
     eval: torch.utils.data.DataLoader
     algorithms: list
+    algorithm_keys: list = field(default_factory=list)  # their config keys, in the same order
     trainer_kwargs: dict = field(default_factory=dict)
     plans: dict = field(default_factory=dict)  # algorithm config key -> names of the modules it will rewrite
 
@@ -100,7 +102,10 @@ def build(config: DictConfig, *, for_training: bool = True) -> Built:
 
     algorithms, plans = [], {}
     for key, kwargs in _section(plain, "algorithms").items():
-        algorithm = ALGORITHMS.build(key, kwargs or {}, f"algorithms.{key}")
+        kwargs = dict(kwargs or {})
+        if "strict" in inspect.signature(ALGORITHMS.get(key, "algorithms")).parameters:
+            kwargs.setdefault("strict", True)  # a recipe that rewrites nothing is an error, not a warning
+        algorithm = ALGORITHMS.build(key, kwargs, f"algorithms.{key}")
         if isinstance(algorithm, SurgeryAlgorithm):
             plans[key] = _plan(algorithm, model, key, model_name)
         algorithms.append(algorithm)
@@ -111,7 +116,8 @@ def build(config: DictConfig, *, for_training: bool = True) -> Built:
         raise ConfigError(f"trainer: {', '.join(owned)} set by the runner from the other sections (run, model, "
                           f"data, optimizer, scheduler, algorithms, loggers, callbacks)")
     check_kwargs(Trainer.__init__, trainer, "trainer", reserved=RUNNER_OWNS)
-    built = Built(name, run_dir, bool(run.get("overwrite", False)), model, train, evaluation, algorithms, plans=plans)
+    built = Built(name, run_dir, bool(run.get("overwrite", False)), model, train, evaluation, algorithms,
+                  algorithm_keys=list(_section(plain, "algorithms")), plans=plans)
     built.trainer_kwargs = dict(
         model=model, train_dataloader=train, eval_dataloader=evaluation, optimizers=optimizer,
         schedulers=schedulers, algorithms=algorithms, run_name=name, seed=seed,
@@ -197,8 +203,9 @@ def prepare_run_dir(built: Built) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def run(config: DictConfig, *, quiet: bool = False) -> dict:
-    """Train the configured run; returns (and writes to ``<run dir>/summary.json``) the summary."""
+def run(config: DictConfig, *, quiet: bool = False, show_config: bool = False) -> dict:
+    """Train the configured run; returns (and writes to ``<run dir>/summary.json``) the summary. ``show_config``
+    prints the resolved config first."""
     built = build(config)
     prepare_run_dir(built)
     stats = RunStats(built.algorithms)
@@ -208,14 +215,19 @@ def run(config: DictConfig, *, quiet: bool = False) -> dict:
     kwargs["save_overwrite"] = built.overwrite
     if dist.get_global_rank() == 0:
         OmegaConf.save(config, built.run_dir / "config.yaml", resolve=True)
+        if show_config:
+            print(OmegaConf.to_yaml(config, resolve=True))
         if not quiet:
             print(f"run {built.name!r} -> {built.run_dir}/ (resolved config in config.yaml)")
     try:
         trainer = Trainer(**kwargs)
-    except (ValueError, TypeError) as error:  # Composer's own checks of trainer keys: one line, nothing left behind
+    except (ValueError, TypeError) as error:  # Composer's checks of trainer keys, surgery at INIT: one line
         if dist.get_global_rank() == 0:
-            shutil.rmtree(built.run_dir, ignore_errors=True)
-        raise ConfigError(f"trainer: {str(error).splitlines()[0]}") from None
+            shutil.rmtree(built.run_dir, ignore_errors=True)  # nothing left behind
+        message = str(error).splitlines()[0]
+        where = next((f"algorithms.{key}" for key, algorithm in zip(built.algorithm_keys, built.algorithms, strict=True)
+                      if message.startswith(f"{type(algorithm).__name__}:")), "trainer")
+        raise ConfigError(f"{where}: {message}") from None
     trainer.fit()
     summary = summarize(built, trainer, stats)
     trainer.close()  # loggers finish writing (the wandb run directory) before anyone reads them
@@ -248,6 +260,8 @@ def summarize(built: Built, trainer: Trainer, stats: RunStats) -> dict:
         "peak_memory_kind": peak_kind,
         "checkpoint_bytes": checkpoint.resolve().stat().st_size if checkpoint.exists() else None,
         "batches": int(trainer.state.timestamp.batch),
+        "samples": int(trainer.state.timestamp.sample),  # over all processes
+        "world_size": dist.get_world_size(),
         "surgery": [report.to_dict() for report in reports],
         "surgery_tables": [str(report) for report in reports],
         "history": {"train_loss": stats.losses, "eval": stats.evals},

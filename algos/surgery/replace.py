@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch

@@ -22,13 +22,22 @@ def test_merge_left_to_right_then_overrides(yamls):
     assert config.trainer.max_duration == "1ep" and config.algorithms.factorize.rank == 16
 
 
+def test_mapping_override_replaces_the_section_and_new_keys_can_be_added(yamls):
+    base, recipe = yamls
+    config = load_config([str(base), str(recipe)], ["model={name: vit, depth: 2}", "trainer.precision=fp32"])
+    assert dict(config.model) == {"name": "vit", "depth": 2}  # hidden is not inherited from the old model
+    assert config.trainer.precision == "fp32" and config.trainer.seed == 0
+    assert config.run.overwrite is False and config.algorithms.factorize.rank == 0.25  # defaults + recipe kept
+
+
 def test_config_errors_name_the_key_or_file(yamls, tmp_path):
     base, _ = yamls
     with pytest.raises(ConfigError, match=r"config file '.*missing.yaml' does not exist"):
         load_config([str(tmp_path / "missing.yaml")])
-    with pytest.raises(ConfigError, match=r"no key 'trainer.max_duraton' .*existing keys under 'trainer': "
-                                          r"max_duration, seed"):
-        load_config([str(base)], ["trainer.max_duraton=2ep"])
+    with pytest.raises(ConfigError, match=r"unknown section 'modle'; valid: run, model"):
+        load_config([str(base)], ["modle=3"])
+    with pytest.raises(ConfigError, match=r"overrides: unknown section\(s\) 'modle'"):
+        load_config([str(base)], ["modle.name=mlp"])
     with pytest.raises(ConfigError, match="is not key=value"):
         load_config([str(base)], ["trainer.max_duration"])
     bad = tmp_path / "bad.yaml"
@@ -44,10 +53,23 @@ def test_registry_errors_list_the_choices():
     def mlp(*, hidden: int = 32, depth: int = 2):
         return ("mlp", hidden, depth)
 
+    @models.register("needs")
+    def needs(*, spec, size: int):
+        if size < 0:
+            raise ValueError("size must be >= 0")
+        return spec, size
+
     assert models.build("mlp", {"hidden": 8}, "model") == ("mlp", 8, 2)
-    with pytest.raises(ConfigError, match="model: unknown model 'resnet'; registered: mlp"):
+    with pytest.raises(ConfigError, match="model: unknown model 'resnet'; registered: mlp, needs"):
         models.build("resnet", {}, "model")
-    with pytest.raises(ConfigError, match=r"model.mlp: unknown key\(s\) 'width'; valid: hidden, depth"):
+    with pytest.raises(ConfigError, match=r"^model: unknown key\(s\) 'width'; valid: hidden, depth$"):
         models.build("mlp", {"width": 3}, "model")
+    with pytest.raises(ConfigError, match=r"^model.hidden: expected int, got '64' \(str\)$"):
+        models.build("mlp", {"hidden": "64"}, "model")
+    assert models.build("needs", {"size": 2}, "model", spec="S") == ("S", 2)
+    with pytest.raises(ConfigError, match=r"^model: missing key\(s\) 'size' \(no default\)$"):  # spec is context
+        models.build("needs", {}, "model", spec="S")
+    with pytest.raises(ConfigError, match=r"^model \(needs\): size must be >= 0$"):
+        models.build("needs", {"size": -1}, "model", spec="S")
     with pytest.raises(ValueError, match="already registered"):
         models.register("mlp", mlp)
