@@ -1,4 +1,5 @@
 import pytest
+import torch
 from composer.algorithms.warnings import NoEffectWarning
 from torch import nn
 
@@ -93,3 +94,18 @@ def test_name_matches_rules():
     assert not name_matches("a.bquery", ["query"])
     assert name_matches("a.b", r"a\.\w") and not name_matches("a.bc.d", r"a\.\w+")
     assert not name_matches("anything", None)
+
+
+def test_plan_names_the_targets_without_touching_the_model():
+    """SurgeryAlgorithm.plan: what surgery() would select, with no calibration and no change (the runner's check)."""
+    from algos import FFFReplace, FNetMixing
+    from tests.models import classifier_and_batch
+
+    model, _ = classifier_and_batch("vit")
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    targets, skipped = FFFReplace(depth=3, init="dense", target_modules=["encoder_layer_1.mlp"]).plan(model)
+    assert targets == ["module.encoder.layers.encoder_layer_1.mlp"] and skipped == []
+    targets, _ = FNetMixing(keep_attention_layers=[-1]).plan(model)
+    assert len(targets) == 2  # selection only: keeping the last layer is the converter's decision
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
