@@ -7,6 +7,11 @@
 * ``nn.MultiheadAttention`` called as self-attention (torchvision ViT ``EncoderBlock``, ``nn.TransformerEncoderLayer``):
   returns ``(out, None)`` like ``need_weights=False``; it also disables PyTorch's fused encoder fast path, which
   would read the attention's projection weights.
+* HF seq2seq and decoder attention (T5, BART, GPT-2 families): only the attention module itself is replaced (their
+  layer norms and residuals sit in the enclosing layer); the module returns the tuple its family's layer unpacks.
+  In a decoder, causal mixing keeps its own cache in the model's KV cache: the projected inputs z = [x C_D | x S_D]
+  of every position so far (stored as the layer's "keys"), so ``generate`` with ``use_cache=True`` computes one new
+  row per step, O(T D) like attention's cache, instead of re-mixing the whole prefix.
 """
 
 from __future__ import annotations
@@ -88,3 +93,53 @@ def _same_tensor(other: torch.Tensor | None, query: torch.Tensor) -> bool:
     """``other`` is the query itself (or an identical view of the same storage, e.g. both cut to one sample)."""
     return other is None or other is query or (
         other.shape == query.shape and other.stride() == query.stride() and other.data_ptr() == query.data_ptr())
+
+
+# How each HF family's attention is called (the keyword carrying the mask) and what its layer unpacks.
+HF_FAMILIES = ("t5", "bart", "gpt2")
+
+
+class FourierSeqAttention(nn.Module):
+    """Replaces an HF T5 / BART / GPT-2 attention module used as self-attention: out = mix(x), in the family's tuple
+    (T5: (out, cache, position_bias[, None]); BART: (out, None, cache); GPT-2: (out, None))."""
+
+    def __init__(self, mixing: FourierMixing, family: str, layer_idx: int | None):
+        super().__init__()
+        if family not in HF_FAMILIES:
+            raise ValueError(f"FourierSeqAttention: family={family!r} is not one of {HF_FAMILIES}.")
+        self.mixing, self.family, self.layer_idx = mixing, family, layer_idx
+
+    def extra_repr(self) -> str:
+        return f"family={self.family!r}, layer_idx={self.layer_idx}"
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if any(kwargs.get(name) is not None for name in ("key_value_states", "encoder_hidden_states")):
+            raise ValueError(f"FourierSeqAttention ({self.family}): called as cross-attention; Fourier mixing only "
+                             f"replaces self-attention.")
+        mask = kwargs.get("mask" if self.family == "t5" else "attention_mask")
+        keep = keep_mask(mask, hidden_states.shape[1]) if self.mixing.padding == "mask" else None
+        cache = kwargs.get("past_key_value")
+        history = self._history(cache) if cache is not None and self.mixing.causal else None
+        out = self.mixing(hidden_states, keep, history=history)
+        if self.family == "t5":  # the first layer's relative position bias (if any) is passed on unchanged
+            return (out, cache, kwargs.get("position_bias")) + ((None,) if kwargs.get("output_attentions") else ())
+        if self.family == "bart":
+            return out, None, cache
+        return out, None
+
+    def _history(self, cache):
+        """Append z to this layer's slot of an HF DynamicCache (z as keys, empty values) and return all of it."""
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        if isinstance(cache, EncoderDecoderCache):
+            cache = cache.self_attention_cache
+        if not isinstance(cache, DynamicCache) or self.layer_idx is None:
+            raise ValueError(f"FourierSeqAttention ({self.family}): causal mixing caches into a DynamicCache (the "
+                             f"default cache), got {type(cache).__name__}; generate with the default cache or "
+                             f"use_cache=False.")
+
+        def history(z: torch.Tensor) -> torch.Tensor:
+            keys, _ = cache.update(z[:, None], z[:, None, :, :0], self.layer_idx)
+            return keys[:, 0]
+
+        return history

@@ -7,7 +7,7 @@ For x of shape (batch, T, D), with F_N the N-point DFT matrix F_N[t, s] = exp(-2
 * ``rfft``: x is real, so its spectrum is Hermitian and half of it is enough: torch.fft.rfft2 gives the columns
   k <= D/2, and Re Y[t, k] = Re Y[-t mod T, D - k] fills in the rest with a flip and a roll (no complex output of
   full size is ever built).
-* ``dft``:  two GEMMs, x @ [C_D | S_D] then [C_T | -S_T] @ (stacked halves): real arithmetic only, any length and
+* ``dft``:  GEMMs, z = x @ [C_D | S_D] then C_T z_C - S_T z_S: real arithmetic only, any length and
   dtype, so it traces for torch.compile / ONNX, and it becomes causal by masking C_T and S_T to lower triangles
   (output t then depends on inputs s <= t only; FNetAR-style).
 
@@ -62,36 +62,56 @@ class FourierMixing(nn.Module):
             raise ValueError("FourierMixing: causal=True and padding='mask' mix at a fixed length; pass max_length.")
         self.impl, self.causal, self.norm, self.padding, self.max_length = impl, causal, norm, padding, max_length
         self.dropout = nn.Dropout(dropout)
-        self._matrices: dict = {}  # (T, N, D, device) -> DFT matrices for impl="dft"; rebuilt on demand, not saved
+        self._matrices: dict = {}  # DFT matrices for impl="dft", per size and device; rebuilt on demand, not saved
 
     def extra_repr(self) -> str:
         return (f"impl={self.impl!r}, causal={self.causal}, norm={self.norm!r}, padding={self.padding!r}, "
                 f"max_length={self.max_length}")
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, history=None) -> torch.Tensor:
+        """Mix x (batch, T, D). ``history`` (causal decoding only): a callable that appends this step's projected
+        inputs z = [x C_D | x S_D] of shape (batch, T, 2D) to those of the earlier steps and returns them all; x is
+        then the newest T positions and only their outputs are computed (the KV cache of a Fourier layer)."""
+        if history is not None and not self.causal:
+            raise ValueError("FourierMixing: cached (incremental) mixing needs causal=True.")
         length = x.shape[-2]
         period = self.max_length if (self.causal or self.padding == "mask") else length
-        if length > period:
-            raise ValueError(f"FourierMixing: sequence length {length} exceeds max_length {period}.")
         h = x.float()
         if keep is not None and self.padding == "mask":
             h = h * keep[..., None].to(h.dtype)
         if self.impl == "dft":
-            y = self._dft(h, period)
+            z = self._project(h)
+            if history is not None:
+                z = history(z)
+            if z.shape[-2] > period:
+                raise ValueError(f"FourierMixing: sequence length {z.shape[-2]} exceeds max_length {period}.")
+            y = self._combine(z, start=z.shape[-2] - length, period=period)
         else:
+            if length > period:
+                raise ValueError(f"FourierMixing: sequence length {length} exceeds max_length {period}.")
             padded = F.pad(h, (0, 0, 0, period - length)) if period > length else h
             y = (_fft_mix(padded, self.norm) if self.impl == "fft" else _rfft_mix(padded, self.norm))[..., :length, :]
         return self.dropout(y.to(x.dtype))
 
-    def _dft(self, h: torch.Tensor, period: int) -> torch.Tensor:
-        length, width = h.shape[-2], h.shape[-1]
-        key = (length, period, width, h.device)
+    def _project(self, h: torch.Tensor) -> torch.Tensor:
+        """z = x @ [C_D | S_D], (B, T, 2D): the hidden-axis DFT, one GEMM."""
+        key = ("hidden", h.shape[-1], h.device)
         if key not in self._matrices:
-            self._matrices[key] = _dft_matrices(length, period, width, self.causal, self.norm, h.device)
-        hidden, sequence = self._matrices[key]
-        z = h @ hidden                                             # (B, T, 2D) = [x C_D | x S_D]
-        stacked = torch.cat([z[..., :width], z[..., width:]], dim=-2)  # (B, 2T, D)
-        return sequence @ stacked                                  # [C_T | -S_T] @ [x C_D ; x S_D]
+            self._matrices[key] = _hidden_matrix(h.shape[-1], h.device)
+        return h @ self._matrices[key]
+
+    def _combine(self, z: torch.Tensor, start: int, period: int) -> torch.Tensor:
+        """Rows start .. T-1 of C_T (x C_D) - S_T (x S_D) for the T positions in z: the sequence-axis DFT.
+
+        With a fixed period (causal or padding="mask") the (N, N) matrices are built once and sliced, so position t
+        always gets the same row whatever the length; otherwise they are built for N = T."""
+        total, width = z.shape[-2], z.shape[-1] // 2
+        size = period if (self.causal or self.padding == "mask") else total
+        key = ("sequence", size, width, z.device)
+        if key not in self._matrices:
+            self._matrices[key] = _sequence_matrices(size, width, self.causal, self.norm, z.device)
+        cos_t, sin_t = (m[start:total, :total] for m in self._matrices[key])
+        return cos_t @ z[..., :width] - sin_t @ z[..., width:]
 
 
 def _fft_mix(h: torch.Tensor, norm: str) -> torch.Tensor:
@@ -107,20 +127,24 @@ def _rfft_mix(h: torch.Tensor, norm: str) -> torch.Tensor:
     return torch.cat([half, rest], dim=-1)
 
 
-def _dft_matrices(length: int, period: int, width: int, causal: bool, norm: str, device):
-    """([C_D | S_D] of shape (D, 2D), [C_T | -S_T] of shape (T, 2T)) in float32, the sequence part built on an
-    N = ``period`` point basis, lower-triangular when causal, scaled for ``norm``."""
+def _angles(points: int, size: int | None = None) -> torch.Tensor:
+    """2 pi (t s mod N) / N for t, s < size, in float64: t * s is reduced mod N first, so long sequences keep
+    full precision."""
+    index = torch.arange(size or points)
+    return 2 * math.pi * (torch.outer(index, index) % points).double() / points
 
-    def cos_sin(rows: int, columns: int, points: int):
-        # t * s reduced mod N before scaling, so long sequences keep full precision
-        angle = 2 * math.pi * (torch.outer(torch.arange(rows), torch.arange(columns)) % points).double() / points
-        return angle.cos(), angle.sin()
 
-    cos_d, sin_d = cos_sin(width, width, width)
-    cos_t, sin_t = cos_sin(length, length, period)
+def _hidden_matrix(width: int, device) -> torch.Tensor:
+    """[C_D | S_D], (D, 2D) float32."""
+    angle = _angles(width)
+    return torch.cat([angle.cos(), angle.sin()], dim=1).float().to(device)
+
+
+def _sequence_matrices(points: int, width: int, causal: bool, norm: str, device):
+    """(C_N, S_N), (N, N) float32, lower-triangular when causal, with the ``norm`` scale 1 / sqrt(N D) folded in."""
+    angle = _angles(points)
+    cos_t, sin_t = angle.cos(), angle.sin()
     if causal:
         cos_t, sin_t = cos_t.tril(), sin_t.tril()
-    scale = 1 / math.sqrt(period * width) if norm == "ortho" else 1.0
-    hidden = torch.cat([cos_d, sin_d], dim=1)
-    sequence = torch.cat([cos_t, -sin_t], dim=1) * scale
-    return hidden.float().to(device), sequence.float().to(device)
+    scale = 1 / math.sqrt(points * width) if norm == "ortho" else 1.0
+    return (cos_t * scale).float().to(device), (sin_t * scale).float().to(device)

@@ -82,15 +82,24 @@ def main_metric(summaries: list[dict]) -> str | None:
 
 def comparison_table(summaries: list[dict]) -> str:
     metric_names = list(dict.fromkeys(name for s in summaries for name in s["metrics"]))
-    headers = ["run", *metric_names, "train samples/s", "speed vs baseline", "parameters", "checkpoint MiB"]
+    tokens = any(s.get("tokens_per_s") for s in summaries)
+    generation = any(s.get("generate_ms_per_token") for s in summaries)
+    headers = ["run", *metric_names, "train samples/s", *(["train tokens/s"] if tokens else []), "speed vs baseline",
+               *(["generate ms/token"] if generation else []), "parameters", "checkpoint MiB"]
+
+    def optional(value, form: str) -> str:
+        return format(value, form) if value else ""
+
     rows = [[s["name"], *(f"{s['metrics'][m]:.4f}" if m in s["metrics"] else "" for m in metric_names),
-             f"{s['samples_per_s']:.0f}", f"{s['speedup']:.2f}x", f"{s['parameters']:,}",
-             f"{s['checkpoint_bytes'] / 2**20:.2f}" if s["checkpoint_bytes"] else ""] for s in summaries]
+             f"{s['samples_per_s']:.0f}", *([optional(s.get("tokens_per_s"), ".0f")] if tokens else []),
+             f"{s['speedup']:.2f}x", *([optional(s.get("generate_ms_per_token"), ".2f")] if generation else []),
+             f"{s['parameters']:,}", optional(s["checkpoint_bytes"] and s["checkpoint_bytes"] / 2**20, ".2f")]
+            for s in summaries]
     return tabulate(rows, headers=headers, disable_numparse=True, tablefmt="github")
 
 
-CSV_FIELDS = ("name", "group", "samples_per_s", "tokens_per_s", "speedup", "parameters", "peak_memory_bytes",
-              "checkpoint_bytes", "batches", "final_train_loss")
+CSV_FIELDS = ("name", "group", "samples_per_s", "tokens_per_s", "speedup", "generate_ms_per_token", "parameters",
+              "peak_memory_bytes", "checkpoint_bytes", "batches", "final_train_loss")
 
 
 def write_results(summaries: list[dict], table: str, out_dir: Path) -> None:
@@ -102,13 +111,14 @@ def write_results(summaries: list[dict], table: str, out_dir: Path) -> None:
         writer = csv.writer(handle)
         writer.writerow([*CSV_FIELDS, *metric_names])
         for s in summaries:
-            writer.writerow([s[key] for key in CSV_FIELDS] + [s["metrics"].get(m, "") for m in metric_names])
+            writer.writerow([s.get(key) for key in CSV_FIELDS] + [s["metrics"].get(m, "") for m in metric_names])
     plot(summaries, out_dir / "compare.png")
 
 
 def plot(summaries: list[dict], path: Path) -> None:
-    """Left: main metric against training throughput, one point per run. Then the train loss and each eval metric
-    over training batches, one line per run (same colour as its point)."""
+    """Left: main metric against training throughput (tokens/s when every run counts tokens, else samples/s), one
+    point per run. Then generation latency per token (generative runs), the train loss and each eval metric over
+    training batches, one line per run (same colour as its point)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,16 +126,21 @@ def plot(summaries: list[dict], path: Path) -> None:
 
     metric = main_metric(summaries)
     eval_names = list(dict.fromkeys(name for s in summaries for _, m in s["history"]["eval"] for name in m))
-    panels = 2 + len(eval_names)
+    speed = "tokens_per_s" if all(s.get("tokens_per_s") for s in summaries) else "samples_per_s"
+    generative = [s for s in summaries if s.get("generate_ms_per_token")]
+    panels = 2 + bool(generative) + len(eval_names)
     figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
+    if generative:
+        bars = axes[1]
+        axes = [axes[0], *axes[2:]]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     groups = list(dict.fromkeys(s["group"] for s in summaries))
     markers = {group: "osD^v<>p*h"[index % 10] for index, group in enumerate(groups)}
     for index, s in enumerate(summaries):
         colour = colours[index % len(colours)]
         if metric in s["metrics"]:
-            axes[0].scatter(s["samples_per_s"], s["metrics"][metric], color=colour, marker=markers[s["group"]], s=60)
-            axes[0].annotate(s["name"], (s["samples_per_s"], s["metrics"][metric]), textcoords="offset points",
+            axes[0].scatter(s[speed], s["metrics"][metric], color=colour, marker=markers[s["group"]], s=60)
+            axes[0].annotate(s["name"], (s[speed], s["metrics"][metric]), textcoords="offset points",
                              xytext=(5, 5), fontsize=8)
         losses = s["history"]["train_loss"]
         axes[1].plot([b for b, _ in losses], [v for _, v in losses], color=colour, label=s["name"], lw=1)
@@ -134,7 +149,14 @@ def plot(summaries: list[dict], path: Path) -> None:
             axis.plot([b for b, _ in points], [v for _, v in points], color=colour, marker="o", ms=3,
                       label=s["name"])
     axes[0].margins(0.15)  # room for the labels
-    axes[0].set(xlabel="training throughput (samples/s)", ylabel=f"final {metric}", title=f"{metric} vs speed")
+    if generative:
+        bars.barh([s["name"] for s in generative], [s["generate_ms_per_token"] for s in generative],
+                  color=[colours[summaries.index(s) % len(colours)] for s in generative])
+        bars.invert_yaxis()
+        bars.tick_params(axis="y", labelsize=7)
+        bars.set(xlabel="ms per new token", title="generation latency (greedy, batch 1)")
+    axes[0].set(xlabel=f"training throughput ({speed.split('_')[0]}/s)", ylabel=f"final {metric}",
+                title=f"{metric} vs speed")
     axes[1].set(xlabel="batch", ylabel="train loss", title="train loss", yscale="log")
     for axis, name in zip(axes[2:], eval_names, strict=True):
         axis.set(xlabel="batch", ylabel=name, title=f"eval {name}")

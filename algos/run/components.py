@@ -88,8 +88,10 @@ def _wandb_api_key() -> str | None:
 
 @LOGGERS.register("file")
 def file_logger(*, run_dir: str, run_name: str, filename: str = "logs-rank{rank}.txt",
-                capture_stdout: bool = True) -> FileLogger:
-    """Composer's FileLogger: every logged metric (and the console output), as text, in the run directory."""
+                capture_stdout: bool = False) -> FileLogger:
+    """Composer's FileLogger: every logged metric as text in the run directory. ``capture_stdout`` (off by default)
+    copies the console too, by replacing ``sys.stdout.write`` process-wide without ever restoring it: after that
+    run, later output in the same process (the next run of ``algos compare``) goes to a closed log file."""
     return FileLogger(filename=os.path.join(run_dir, filename), capture_stdout=capture_stdout,
                       capture_stderr=capture_stdout)
 

@@ -1,9 +1,9 @@
 """The data registry: a name in ``data.name`` -> ``(train_dataloader, eval_dataloader)`` for the model built.
 
 Each builder gets the model's ``InputSpec`` (``spec``) besides its config keys. Offline: ``digits`` (images shipped
-with scikit-learn), ``text_mlm`` with its default corpus (Python's own reference documentation, shipped with every
-Python), ``synthetic``. Needing the network or a local copy: ``cifar10`` (torchvision), ``imagenet`` (an image
-folder), ``glue`` and ``text_mlm`` with ``dataset=`` (HF datasets).
+with scikit-learn), ``text_mlm`` and ``span_corruption`` with their default corpus (Python's own reference
+documentation, shipped with every Python), ``synthetic``. Needing the network or a local copy: ``cifar10``
+(torchvision), ``imagenet`` (an image folder), ``glue`` and the text builders with ``dataset=`` (HF datasets).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from composer.utils import dist
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from algos.run.models import InputSpec
+from algos.run.models import EOS_ID, PAD_ID, TEXT_SPECIAL_TOKENS, InputSpec
 from algos.run.registry import ConfigError, Registry
 
 DATA = Registry("data")
@@ -76,7 +76,11 @@ def synthetic(*, spec: InputSpec, batch_size: int = 8, num_samples: int = 64, se
 
     def make_tokens(n):
         ids = torch.randint(5, spec.vocab_size, (n, length), generator=generator)
-        if spec.task == "mlm":
+        if spec.task == "seq2seq":
+            labels = ids[:, : max(1, length // 4)].clone()
+        elif spec.task == "causal_lm":
+            labels = torch.where(torch.arange(length) < length // 2, -100, ids)  # the first half is the prefix
+        elif spec.task == "mlm":
             labels = torch.where(torch.rand(n, length, generator=generator) < 0.15, ids, -100)
             labels[:, 0] = ids[:, 0]  # at least one label per row
         else:
@@ -148,13 +152,14 @@ def python_docs_corpus() -> list[str]:
     return [topics[key] for key in sorted(topics)]
 
 
-def word_piece_tokenizer(texts: list[str], vocab_size: int):
+def word_piece_tokenizer(texts: list[str], vocab_size: int, extra_special_tokens: tuple[str, ...] = ()):
     """A BERT-style WordPiece tokenizer trained on ``texts`` (offline; a second or two on the default corpus),
-    wrapped as an HF fast tokenizer with BERT's special tokens."""
+    wrapped as an HF fast tokenizer with BERT's special tokens (ids 0-4, ``TEXT_SPECIAL_TOKENS``), then
+    ``extra_special_tokens``."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    special = [*TEXT_SPECIAL_TOKENS, *extra_special_tokens]
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -176,10 +181,40 @@ def _tokenizer(name: str | None, texts: list[str], spec: InputSpec):
     return tokenizer
 
 
-def _check_text_spec(spec: InputSpec, task: str, name: str) -> None:
-    if spec.kind != "tokens" or spec.task != task:
-        raise ConfigError(f"data.name={name!r} gives {task} token batches; the model wants {spec.kind} "
-                          f"({spec.task})")
+def _check_text_spec(spec: InputSpec, task: str | tuple[str, ...], name: str) -> None:
+    tasks = (task,) if isinstance(task, str) else task
+    if spec.kind != "tokens" or spec.task not in tasks:
+        raise ConfigError(f"data.name={name!r} gives {' or '.join(tasks)} token batches; the model wants "
+                          f"{spec.kind} ({spec.task})")
+
+
+def _read_texts(files, dataset, dataset_config, text_column, max_documents) -> list[str]:
+    """Documents from local ``files`` (one each), an HF ``dataset`` (needs the network), or by default Python's
+    reference documentation (offline)."""
+    if files and dataset:
+        raise ConfigError("data.files and data.dataset are alternatives; give one")
+    if files:
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing:
+            raise ConfigError(f"data.files: {', '.join(missing)} not found")
+        texts = [Path(f).read_text(encoding="utf-8") for f in files]
+    elif dataset:
+        from datasets import load_dataset
+
+        texts = list(load_dataset(dataset, dataset_config, split="train")[text_column])
+    else:
+        texts = python_docs_corpus()
+    return texts[:max_documents] if max_documents else texts
+
+
+def _split(rows: list, val_fraction: float, batch_size: int, what: str) -> tuple[list, list]:
+    """(train, val): a seeded shuffle, at least one val row, and enough train rows for one batch."""
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+    n_val = max(1, int(len(rows) * val_fraction))
+    if len(rows) - n_val < batch_size:
+        raise ConfigError(f"data: only {len(rows)} {what} in the text; lower data.seq_len or data.batch_size "
+                          f"({batch_size}), or give more text")
+    return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
 
 
 @DATA.register("text_mlm")
@@ -194,35 +229,92 @@ def text_mlm(*, spec: InputSpec, files: list[str] | None = None, dataset: str | 
     from transformers import DataCollatorForLanguageModeling
 
     _check_text_spec(spec, "mlm", "text_mlm")
-    if files and dataset:
-        raise ConfigError("data.files and data.dataset are alternatives; give one")
-    if files:
-        missing = [f for f in files if not Path(f).is_file()]
-        if missing:
-            raise ConfigError(f"data.files: {', '.join(missing)} not found")
-        texts = [Path(f).read_text(encoding="utf-8") for f in files]
-    elif dataset:
-        from datasets import load_dataset
-
-        texts = list(load_dataset(dataset, dataset_config, split="train")[text_column])
-    else:
-        texts = python_docs_corpus()
-    texts = texts[:max_documents] if max_documents else texts
+    texts = _read_texts(files, dataset, dataset_config, text_column, max_documents)
     tok = _tokenizer(tokenizer, texts, spec)
     length = min(seq_len, spec.max_length) - 2
     ids = [i for text in texts for i in tok(text, add_special_tokens=False)["input_ids"] + [tok.sep_token_id]]
     rows = torch.tensor(ids[: len(ids) // length * length]).view(-1, length)
     rows = torch.cat([torch.full((len(rows), 1), tok.cls_token_id), rows,
                       torch.full((len(rows), 1), tok.sep_token_id)], dim=1)
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
-    n_val = max(1, int(len(rows) * val_fraction))
-    if len(rows) - n_val < batch_size:
-        raise ConfigError(f"data: only {len(rows)} rows of {length + 2} tokens in the text; lower data.seq_len or "
-                          f"data.batch_size ({batch_size}), or give more text")
-    split = {"val": rows[order[:n_val]], "train": rows[order[n_val:]]}
+    train, val = _split(list(rows), val_fraction, batch_size, f"rows of {length + 2} tokens")
+    split = {"train": train, "val": val}
     sets = {key: [{"input_ids": row} for row in value] for key, value in split.items()}
     collate = DataCollatorForLanguageModeling(tok, mlm_probability=mlm_probability)
     return _loaders(sets["train"], sets["val"], batch_size, collate_fn=collate)
+
+
+def corrupt_spans(tokens: list[int], sentinels: list[int], noise_density: float, mean_span_length: float,
+                  generator: torch.Generator) -> tuple[list[int], list[int]]:
+    """T5's span corruption of one row: about ``noise_density`` of the tokens, in spans of about
+    ``mean_span_length``, are cut out. Source: the row with span i replaced by sentinel i; target: sentinel i then
+    span i's tokens, for each span. Both end with EOS."""
+    length = len(tokens)
+    noise = min(length - 1, max(1, round(length * noise_density)))
+    spans = max(1, min(len(sentinels), noise, length - noise, round(noise / mean_span_length)))
+
+    def partition(total: int) -> list[int]:  # ``spans`` positive parts summing to total, at random
+        cuts = (torch.randperm(total - 1, generator=generator)[: spans - 1] + 1).sort().values.tolist()
+        return [b - a for a, b in zip([0, *cuts], [*cuts, total], strict=True)]
+
+    source, target, start = [], [], 0
+    for sentinel, keep, drop in zip(sentinels, partition(length - noise), partition(noise), strict=False):
+        source += [*tokens[start:start + keep], sentinel]
+        target += [sentinel, *tokens[start + keep:start + keep + drop]]
+        start += keep + drop
+    return source + [EOS_ID], target + [EOS_ID]
+
+
+def _pad_collate(rows: list[dict]) -> dict:
+    """Right-pad ``input_ids`` (PAD, with an attention mask) and ``labels`` (-100) to the batch's longest row."""
+    batch = {}
+    for key, fill in (("input_ids", PAD_ID), ("labels", -100)):
+        longest = max(len(row[key]) for row in rows)
+        batch[key] = torch.tensor([row[key] + [fill] * (longest - len(row[key])) for row in rows])
+    batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1]) <
+                               torch.tensor([len(row["input_ids"]) for row in rows])[:, None]).long()
+    return batch
+
+
+@DATA.register("span_corruption")
+def span_corruption(*, spec: InputSpec, files: list[str] | None = None, dataset: str | None = None,
+                    dataset_config: str | None = None, text_column: str = "text", seq_len: int = 128,
+                    noise_density: float = 0.15, mean_span_length: float = 3.0, min_length: int = 16,
+                    val_fraction: float = 0.05, batch_size: int = 32, max_documents: int | None = None,
+                    seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    """T5-style span corruption (denoising) over text, for seq2seq models and prefix-LMs alike.
+
+    Each document is tokenized (a WordPiece tokenizer trained on the text, with sentinel tokens) and cut into rows of
+    ``seq_len`` tokens (a document's last, shorter row is kept if it has ``min_length``): rows differ in length, so
+    batches carry padding. Each row becomes a (source, target) pair (``corrupt_spans``). A ``seq2seq`` model gets
+    ``input_ids`` = source and ``labels`` = target; a ``causal_lm`` (prefix-LM) gets source + target as one
+    sequence, with ``labels`` -100 over the source: both are scored on the same target tokens. Offline by default
+    (Python's reference documentation); ``files`` or an HF ``dataset`` for other text."""
+    _check_text_spec(spec, ("seq2seq", "causal_lm"), "span_corruption")
+    if not 0 < noise_density < 1 or mean_span_length < 1 or seq_len < 2:
+        raise ConfigError(f"data: need 0 < noise_density < 1 (got {noise_density}), mean_span_length >= 1 (got "
+                          f"{mean_span_length}), seq_len >= 2 (got {seq_len})")
+    texts = _read_texts(files, dataset, dataset_config, text_column, max_documents)
+    sentinel_count = max(1, round(seq_len * noise_density / mean_span_length))
+    tok = word_piece_tokenizer(texts, spec.vocab_size, tuple(f"[S{i}]" for i in range(sentinel_count)))
+    sentinels = tok.convert_tokens_to_ids([f"[S{i}]" for i in range(sentinel_count)])
+    generator = torch.Generator().manual_seed(seed)
+    pairs = []
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), seq_len):
+            row = ids[start:start + seq_len]
+            if len(row) >= max(min_length, 2):
+                pairs.append(corrupt_spans(row, sentinels, noise_density, mean_span_length, generator))
+    longest = max(len(s) + len(t) if spec.task == "causal_lm" else max(len(s), len(t)) for s, t in pairs)
+    if longest > spec.max_length:
+        raise ConfigError(f"data.seq_len={seq_len} makes sequences of up to {longest} tokens; the model takes "
+                          f"{spec.max_length}")
+    if spec.task == "seq2seq":
+        rows = [{"input_ids": source, "labels": target} for source, target in pairs]
+    else:
+        rows = [{"input_ids": source + target, "labels": [-100] * len(source) + target} for source, target in pairs]
+    train, val = _split(rows, val_fraction, batch_size, "rows")
+    return _loaders(train, val, batch_size, collate_fn=_pad_collate)
 
 
 GLUE_TEXT_KEYS = {"cola": ("sentence", None), "sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2"),

@@ -21,7 +21,9 @@ MODELS = Registry("model")
 class InputSpec:
     """What the model eats. ``kind="image"``: ``(image (C, H, W), label)`` pairs; ``kind="tokens"``: dicts of
     ``input_ids`` / ``attention_mask`` / ``labels`` with ids below ``vocab_size`` and at most ``max_length`` tokens;
-    ``task`` is ``"classification"`` (one label per sample) or ``"mlm"`` (masked-token labels)."""
+    ``task`` is ``"classification"`` (one label per sample), ``"mlm"`` (masked-token labels), ``"seq2seq"``
+    (``labels`` are the target sequence) or ``"causal_lm"`` (``labels`` are the input ids, -100 on the prefix).
+    The two generative tasks use the special token ids of ``TEXT_SPECIAL_TOKENS``."""
 
     kind: str
     task: str = "classification"
@@ -29,6 +31,28 @@ class InputSpec:
     num_classes: int = 0
     vocab_size: int = 0
     max_length: int = 0
+
+
+GENERATIVE_TASKS = ("seq2seq", "causal_lm")
+# The tokenizer the text builders train puts these first, so a model built from a config knows their ids.
+TEXT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+PAD_ID, BOS_ID, EOS_ID = 0, 2, 3
+
+
+def token_counter(spec: InputSpec):
+    """Real (unpadded) tokens a batch makes the model read, for Composer's tokens/s: the input ids, plus the target
+    for seq2seq, so seq2seq and prefix-LM runs over the same text count the same tokens."""
+
+    def count(batch) -> int:
+        if not isinstance(batch, dict) or "input_ids" not in batch:
+            return 0
+        mask = batch.get("attention_mask")
+        tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        if spec.task == "seq2seq":
+            tokens += int((batch["labels"] != -100).sum())
+        return tokens
+
+    return count
 
 
 def _with_spec(model: ComposerModel, spec: InputSpec) -> ComposerModel:
@@ -198,3 +222,74 @@ def bert_classifier(*, config: str | dict = "base", pretrained: str | None = Non
     return _with_spec(model, InputSpec("tokens", task="classification", num_classes=num_labels,
                                        vocab_size=net.config.vocab_size,
                                        max_length=net.config.max_position_embeddings))
+
+
+# ------------------------------------------------------------------------------------- HF seq2seq and prefix-LM
+SEQ2SEQ_CONFIGS = {
+    # about 9.5M parameters (8192-token vocabulary), BART's layout: 4 + 4 post-LN layers, learned positions
+    "bart": {"small": dict(d_model=256, encoder_layers=4, decoder_layers=4, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
+                           max_position_embeddings=256),
+             "tiny": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                          decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                          max_position_embeddings=256)},
+    # T5's layout: pre-RMSNorm, relative position bias in the first layer of each stack
+    "t5": {"small": dict(d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_decoder_layers=4, num_heads=4),
+           "tiny": dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2)},
+}
+GPT2_CONFIGS = {
+    # about 9.2M parameters: the BART "small" budget spent on 9 pre-LN decoder layers
+    "small": dict(n_embd=256, n_layer=9, n_head=4, n_inner=1024, n_positions=256),
+    "tiny": dict(n_embd=32, n_layer=2, n_head=2, n_inner=64, n_positions=256),
+}
+
+
+def _preset(table: dict, config: str | dict, what: str) -> dict:
+    if isinstance(config, str):
+        if config not in table:
+            raise ConfigError(f"model.config={config!r}; valid: {', '.join(table)} or a mapping of {what} fields")
+        return dict(table[config])
+    return dict(config)
+
+
+def _language_model(net, task: str, max_length: int) -> ComposerModel:
+    from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+    from composer.models import HuggingFaceModel
+
+    model = HuggingFaceModel(net, use_logits=True, shift_labels=task == "causal_lm",
+                             metrics=[LanguageCrossEntropy(), LanguagePerplexity()])
+    return _with_spec(model, InputSpec("tokens", task=task, vocab_size=net.config.vocab_size, max_length=max_length))
+
+
+@MODELS.register("seq2seq")
+def seq2seq(*, arch: str = "bart", config: str | dict = "small", vocab_size: int = 8192) -> ComposerModel:
+    """HF encoder-decoder (``arch`` ``"bart"`` or ``"t5"``) from a preset (``"small"``, ``"tiny"``) or config
+    fields, random init, with the text builders' special token ids."""
+    import transformers
+
+    if arch not in SEQ2SEQ_CONFIGS:
+        raise ConfigError(f"model.arch={arch!r}; valid: {', '.join(SEQ2SEQ_CONFIGS)}")
+    fields = _preset(SEQ2SEQ_CONFIGS[arch], config, f"{arch} config")
+    ids = dict(vocab_size=vocab_size, pad_token_id=PAD_ID, eos_token_id=EOS_ID)
+    if arch == "bart":
+        net = transformers.BartForConditionalGeneration(transformers.BartConfig(
+            **ids, bos_token_id=BOS_ID, decoder_start_token_id=BOS_ID, forced_eos_token_id=None, **fields))
+        max_length = net.config.max_position_embeddings
+    else:  # T5 starts decoding from the pad id; relative positions: no length limit of its own
+        net = transformers.T5ForConditionalGeneration(transformers.T5Config(**ids, decoder_start_token_id=PAD_ID,
+                                                                            **fields))
+        max_length = 2048
+    return _language_model(net, "seq2seq", max_length)
+
+
+@MODELS.register("prefix_lm")
+def prefix_lm(*, config: str | dict = "small", vocab_size: int = 8192) -> ComposerModel:
+    """HF GPT-2 (``GPT2LMHeadModel``) from a preset (``"small"``, ``"tiny"``) or GPT2Config fields, random init,
+    trained as a prefix-LM: it reads the source as a prefix and is scored on the target tokens only. Attention is
+    causal over the whole sequence (GPT-2's), not bidirectional over the prefix."""
+    import transformers
+
+    fields = _preset(GPT2_CONFIGS, config, "GPT2Config")
+    net = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=vocab_size, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, **fields))
+    return _language_model(net, "causal_lm", net.config.n_positions)

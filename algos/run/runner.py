@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from composer import Trainer
-from composer.core import Callback, State
+from composer.core import Callback, DataSpec, State
 from composer.loggers import Logger
 from composer.utils import dist, reproducibility
 from omegaconf import DictConfig, OmegaConf
@@ -26,7 +26,7 @@ from tabulate import tabulate
 
 from algos.run.components import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS
 from algos.run.data import DATA
-from algos.run.models import MODELS
+from algos.run.models import GENERATIVE_TASKS, MODELS, PAD_ID, token_counter
 from algos.run.registry import ConfigError, check_kwargs
 from algos.surgery import SurgeryAlgorithm, SurgeryReport
 from algos.surgery.report import call_model
@@ -35,7 +35,9 @@ RUN_KEYS = {"name": "run name (default: the YAML file names joined by '+')",
             "dir": "run directory (default: runs/<name>)",
             "overwrite": "replace an existing run directory (default: false)",
             "seed": "random seed for model init, data order and training (default: 0)",
-            "device": "cpu, gpu or auto (default: auto)"}
+            "device": "cpu, gpu or auto (default: auto)",
+            "generate_tokens": "generative models: new tokens per timed generate call after training, for the "
+                               "summary's generation latency per token (default: 32; 0: skip)"}
 # Trainer arguments the runner fills in from the other sections.
 RUNNER_OWNS = ("model", "train_dataloader", "eval_dataloader", "optimizers", "schedulers", "algorithms", "loggers",
                "callbacks", "run_name", "seed", "device", "save_folder", "save_overwrite")
@@ -55,6 +57,7 @@ class Built:
     algorithm_keys: list = field(default_factory=list)  # their config keys, in the same order
     trainer_kwargs: dict = field(default_factory=dict)
     plans: dict = field(default_factory=dict)  # algorithm config key -> names of the modules it will rewrite
+    generate_tokens: int = 32
 
 
 def _section(config: dict, key: str) -> dict:
@@ -118,8 +121,13 @@ def build(config: DictConfig, *, for_training: bool = True) -> Built:
     check_kwargs(Trainer.__init__, trainer, "trainer", reserved=RUNNER_OWNS)
     built = Built(name, run_dir, bool(run.get("overwrite", False)), model, train, evaluation, algorithms,
                   algorithm_keys=list(_section(plain, "algorithms")), plans=plans)
+    generate_tokens = run.get("generate_tokens", 32)
+    if isinstance(generate_tokens, bool) or not isinstance(generate_tokens, int) or generate_tokens < 0:
+        raise ConfigError(f"run.generate_tokens={generate_tokens!r}; expected an int >= 0")
+    built.generate_tokens = generate_tokens
     built.trainer_kwargs = dict(
-        model=model, train_dataloader=train, eval_dataloader=evaluation, optimizers=optimizer,
+        model=model, train_dataloader=DataSpec(train, get_num_tokens_in_batch=token_counter(model.input_spec)),
+        eval_dataloader=evaluation, optimizers=optimizer,
         schedulers=schedulers, algorithms=algorithms, run_name=name, seed=seed,
         device=None if device == "auto" else device, **trainer)
     if for_training:
@@ -255,6 +263,7 @@ def summarize(built: Built, trainer: Trainer, stats: RunStats) -> dict:
         "final_train_loss": stats.losses[-1][1] if stats.losses else None,
         "samples_per_s": stats.samples / seconds,
         "tokens_per_s": stats.tokens / seconds if stats.tokens else None,
+        "generate_ms_per_token": generation_latency(model, built.eval, built.generate_tokens),
         "parameters": sum(p.numel() for p in model.parameters()),
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
@@ -268,11 +277,39 @@ def summarize(built: Built, trainer: Trainer, stats: RunStats) -> dict:
     }
 
 
+def generation_latency(model: torch.nn.Module, loader, new_tokens: int, samples: int = 3) -> float | None:
+    """Median milliseconds per new token of ``generate`` (greedy, exactly ``new_tokens`` tokens, batch of one, the
+    model's own KV cache), end to end: the encoder pass or the prefix's prefill is included. Prompts are the
+    first ``samples`` validation rows: the source for seq2seq, the prefix (labels -100) for a prefix-LM. None for
+    models that do not generate."""
+    spec = getattr(model, "input_spec", None)
+    if new_tokens <= 0 or spec is None or spec.task not in GENERATIVE_TASKS:
+        return None
+    net = model.model  # the HF model inside Composer's HuggingFaceModel
+    batch = next(iter(loader))
+    device = next(net.parameters()).device
+    prompt = batch["attention_mask"].bool() & (batch["labels"] == -100 if spec.task == "causal_lm" else True)
+    was_training, timings = net.training, []
+    net.eval()
+    with torch.no_grad():
+        for index in range(-1, min(samples, len(prompt))):  # index -1: an untimed warm-up on the first row
+            ids = batch["input_ids"][max(index, 0)][prompt[max(index, 0)]][None].to(device)
+            start = time.perf_counter()
+            net.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID)
+            if index >= 0:
+                timings.append((time.perf_counter() - start) * 1000 / new_tokens)
+    net.train(was_training)
+    return sorted(timings)[len(timings) // 2]
+
+
 def format_summary(summary: dict) -> str:
     rows = [[name, f"{value:.4f}"] for name, value in summary["metrics"].items()]
     rows += [["train samples/s", f"{summary['samples_per_s']:.1f}"]]
     if summary["tokens_per_s"]:
         rows += [["train tokens/s", f"{summary['tokens_per_s']:.0f}"]]
+    if summary.get("generate_ms_per_token"):
+        rows += [["generate ms/token", f"{summary['generate_ms_per_token']:.2f}"]]
     rows += [["parameters", f"{summary['parameters']:,}"],
              [summary["peak_memory_kind"], f"{summary['peak_memory_bytes'] / 2**20:,.0f} MiB"]]
     if summary["checkpoint_bytes"]:

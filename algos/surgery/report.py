@@ -194,7 +194,7 @@ def _measure_hook(report: SurgeryReport, fqn: str, old_skeleton: nn.Module, hand
         # First call only: unhooking first also keeps the measuring call below from recursing.
         handles.pop(fqn).remove()
         del report._unmeasured[fqn]
-        args, kwargs = _first_sample((args, kwargs))
+        args, kwargs = _first_sample(_without_state((args, kwargs)))
         row = next(row for row in report.replaced if row.fqn == fqn)
         with eval_mode(module):
             row.macs_after = count_macs(module, args, kwargs)
@@ -245,6 +245,17 @@ def _first_sample(tree):
         return tree
     size = batch.shape[0]
     return _map_tensors(tree, lambda t: t[:1] if t.dim() > 0 and t.shape[0] == size else t)
+
+
+def _without_state(tree):
+    """None in place of every object that is not a tensor or a plain value: the measuring calls must not touch the
+    caller's state (an HF KV cache would otherwise get the measured keys appended)."""
+    if isinstance(tree, dict):
+        return {key: _without_state(value) for key, value in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_without_state(value) for value in tree)
+    plain = isinstance(tree, (torch.Tensor, int, float, complex, str, bytes, torch.dtype, torch.device, type(None)))
+    return tree if plain else None
 
 
 def _to_meta(tree):

@@ -9,6 +9,7 @@ import torchvision
 from composer.loggers import InMemoryLogger
 from torch import nn
 from transformers import BertModel
+from transformers.models.bert.modeling_bert import BertAttention
 
 import algos
 from algos import FNetMixing, apply_fnet_mixing
@@ -79,20 +80,28 @@ def test_vit_and_transformer_encoder_layers_get_the_right_norm():
                                torch.fft.fft2(seq_first.transpose(0, 1), norm="ortho").real)
 
 
-def test_refusals_name_the_module():
+def test_scope_keeps_decoder_and_cross_attention_unless_asked():
     decoder = BertModel(tiny_bert_config(is_decoder=True, add_cross_attention=True))
-    with pytest.raises(ValueError, match=r"'encoder.layer.0.attention' is decoder self-attention .* causal=True"):
-        apply_fnet_mixing(decoder)
-    with pytest.raises(ValueError, match=r"'encoder.layer.0.crossattention' is cross-attention"):
-        apply_fnet_mixing(decoder, impl="dft", causal=True)
+    with pytest.raises(ValueError, match=r"all 8 selected modules were skipped .*: cross-attention stays attention"):
+        apply_fnet_mixing(decoder, strict=True)  # scope="encoder": a decoder has nothing to mix
+    with pytest.raises(ValueError, match=r"scope='decoder' mixes decoder self-attention.*pass causal=True"):
+        apply_fnet_mixing(decoder, scope="decoder")
+    report = apply_fnet_mixing(decoder, impl="dft", causal=True, scope="decoder")
+    assert [row.fqn for row in report.replaced] == [f"encoder.layer.{i}.attention" for i in range(4)]
+    assert {skip.fqn: skip.reason for skip in report.skipped}["encoder.layer.0.crossattention"].startswith(
+        "cross-attention stays attention")
+    assert isinstance(decoder.encoder.layer[0].crossattention, BertAttention)
+
+
+def test_refusals_name_the_module():
     relative = BertModel(tiny_bert_config(position_embedding_type="relative_key"))
     with pytest.raises(ValueError, match=r"'encoder.layer.0.attention' uses 'relative_key' relative position"):
         apply_fnet_mixing(relative)
     layer = nn.TransformerDecoderLayer(16, 2, 32, batch_first=True)
-    with pytest.raises(ValueError, match=r"'multihead_attn' is cross-attention"):
-        apply_fnet_mixing(layer, exclude_modules=["self_attn"])
-    with pytest.raises(ValueError, match=r"'self_attn' is decoder self-attention"):
-        apply_fnet_mixing(layer, exclude_modules=["multihead_attn"])
+    with pytest.raises(ValueError, match=r"multihead_attn: cross-attention stays attention"):
+        apply_fnet_mixing(layer, exclude_modules=["self_attn"], impl="dft", causal=True, scope="all", strict=True)
+    with pytest.raises(ValueError, match=r"self_attn: decoder self-attention, outside scope='encoder'"):
+        apply_fnet_mixing(layer, exclude_modules=["multihead_attn"], strict=True)
     with pytest.raises(ValueError, match=r"keep_attention_layers=\[5\] has indices \[5\] outside the 4 targeted"):
         apply_fnet_mixing(BertModel(tiny_bert_config()), keep_attention_layers=[5])
     mha = nn.Sequential(nn.MultiheadAttention(16, 2, batch_first=True))

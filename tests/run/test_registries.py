@@ -8,8 +8,8 @@ from composer.loggers import LoggerDestination
 from composer.optim import ComposerScheduler
 
 from algos.run.components import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS, snake_case
-from algos.run.data import DATA, python_docs_corpus
-from algos.run.models import MODELS, InputSpec
+from algos.run.data import DATA, corrupt_spans, python_docs_corpus
+from algos.run.models import EOS_ID, MODELS, PAD_ID, InputSpec, token_counter
 from algos.run.registry import ConfigError
 
 SMALL_MODELS = {
@@ -19,6 +19,8 @@ SMALL_MODELS = {
     "vit": {"num_layers": 1, "hidden_dim": 32, "mlp_dim": 64, "num_heads": 2},
     "bert_mlm": {"config": "tiny"},
     "bert_classifier": {"config": "tiny", "num_labels": 3},
+    "seq2seq": {"arch": "t5", "config": "tiny", "vocab_size": 512},
+    "prefix_lm": {"config": "tiny", "vocab_size": 512},
 }
 
 
@@ -39,8 +41,10 @@ def test_every_model_trains_a_step_on_synthetic_batches_of_its_spec(name):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() > 1)
     if spec.kind == "image":
         assert batch[0].shape == (4, *spec.shape) and outputs.shape == (4, spec.num_classes)
-    elif spec.task == "mlm":
+    elif spec.task in ("mlm", "causal_lm"):
         assert outputs.logits.shape == (4, 16, spec.vocab_size) and (batch["labels"] != -100).any()
+    elif spec.task == "seq2seq":
+        assert outputs.logits.shape == (4, 4, spec.vocab_size)
     else:
         assert outputs.logits.shape == (4, 3)
 
@@ -52,6 +56,10 @@ def test_bad_model_keys_name_the_valid_choices():
         MODELS.build("resnet", {"arch": "resnet9"}, "model")
     with pytest.raises(ConfigError, match="model.config='huge'; valid: base, tiny"):
         MODELS.build("bert_mlm", {"config": "huge"}, "model")
+    with pytest.raises(ConfigError, match="model.arch='gpt'; valid: bart, t5"):
+        MODELS.build("seq2seq", {"arch": "gpt"}, "model")
+    with pytest.raises(ConfigError, match="model.config='base'; valid: small, tiny or a mapping of GPT2Config fields"):
+        MODELS.build("prefix_lm", {"config": "base"}, "model")
 
 
 def test_digits_are_real_and_split_without_overlap():
@@ -81,6 +89,52 @@ def test_offline_text_mlm_default_corpus_tokenizer_and_masking():
     assert len(train.dataset) > 100 and len(val.dataset) >= 1 and len(python_docs_corpus()) > 50
     with pytest.raises(ConfigError, match="data.name='text_mlm' gives mlm token batches; the model wants image"):
         DATA.build("text_mlm", {}, "data", spec=InputSpec("image", shape=(1, 8, 8), num_classes=10))
+
+
+def test_span_corruption_pairs_rebuild_the_text():
+    """Interleaving the source's kept runs with the target's spans, sentinel by sentinel, gives the row back."""
+    generator = torch.Generator().manual_seed(1)
+    sentinels = [1000, 1001, 1002, 1003]
+    for length in (2, 9, 40, 128):
+        row = list(range(10, 10 + length))
+        source, target = corrupt_spans(row, sentinels, 0.15, 3.0, generator)
+        assert source[-1] == target[-1] == EOS_ID
+        used = [t for t in source if t in sentinels]
+        assert used == sentinels[:len(used)] and [t for t in target if t in sentinels] == used
+        rebuilt, spans, current = [], {}, None
+        for token in target[:-1]:
+            current = token if token in sentinels else current
+            if token not in sentinels:
+                spans.setdefault(current, []).append(token)
+        for token in source[:-1]:
+            rebuilt += spans.get(token, []) if token in sentinels else [token]
+        assert rebuilt == row
+        noise = len(target) - 1 - len(used)
+        assert noise == min(length - 1, max(1, round(length * 0.15)))
+
+
+@pytest.mark.parametrize("task", ["seq2seq", "causal_lm"])
+def test_span_corruption_batches_for_both_model_kinds(task):
+    spec = InputSpec("tokens", task=task, vocab_size=2000, max_length=256)
+    train, val = DATA.build("span_corruption", {"seq_len": 64, "batch_size": 8}, "data", spec=spec)
+    batch = next(iter(train))
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids.max() < 2000 and len(train.dataset) > 100 and len(val.dataset) >= 1
+    assert (ids[mask == 0] == PAD_ID).all()
+    assert any((b["attention_mask"] == 0).any() for b in train)  # documents' last rows are shorter: padding
+    targets = labels != -100
+    if task == "seq2seq":
+        assert labels.shape[0] == 8 and 0.1 < targets.sum() / mask.sum() < 0.5  # 15% noise plus sentinels
+        assert token_counter(spec)(batch) == int(mask.sum() + targets.sum())
+    else:
+        assert labels.shape == ids.shape and torch.equal(labels[targets], ids[targets])
+        first_target = targets.int().argmax(1)
+        assert (first_target > 0).all()  # a prefix (the source) before every target
+        assert token_counter(spec)(batch) == int(mask.sum())
+    with pytest.raises(ConfigError, match="data.seq_len=300 makes sequences of up to .* tokens; the model takes 256"):
+        DATA.build("span_corruption", {"seq_len": 300}, "data", spec=spec)
+    with pytest.raises(ConfigError, match="gives seq2seq or causal_lm token batches; the model wants tokens \\(mlm\\)"):
+        DATA.build("span_corruption", {}, "data", spec=InputSpec("tokens", task="mlm", vocab_size=2000))
 
 
 def test_missing_datasets_say_how_to_get_them(tmp_path):
