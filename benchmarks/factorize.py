@@ -24,7 +24,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from algos import apply_factorization  # noqa: E402
-from algos.bench import markdown_table, run_parts, time_forward  # noqa: E402
+from algos.bench import loader_accuracy, markdown_table, run_parts, time_forward, train_steps  # noqa: E402
 from algos.surgery.report import count_macs, count_params  # noqa: E402
 
 
@@ -93,25 +93,10 @@ def accuracy(steps: int = 400) -> str:
     train, val = digits_dataloaders(batch_size=64)
     dense = nn.Sequential(nn.Flatten(), nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
                           nn.Linear(512, 10))
-    optimizer = torch.optim.Adam(dense.parameters(), lr=1e-3)
-    step = 0
-    while step < steps:
-        for images, labels in train:
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(dense(images), labels).backward()
-            optimizer.step()
-            step += 1
-            if step == steps:
-                break
-
-    def val_accuracy(model):
-        model.eval()
-        with torch.no_grad():
-            correct = sum((model(x).argmax(1) == y).sum().item() for x, y in val)
-        return correct / len(val.dataset)
+    train_steps(dense, train, steps)
 
     calibration = [images for images, _ in train][:8]
-    rows = [["dense (trained)", "-", f"{val_accuracy(dense):.3f}"]]
+    rows = [["dense (trained)", "-", f"{loader_accuracy(dense, val):.3f}"]]
     for rank in (128, 32, 8):
         variants = {
             "ours, init=svd": lambda m, rank=rank: apply_factorization(m, rank=rank, min_features=256),
@@ -123,7 +108,7 @@ def accuracy(steps: int = 400) -> str:
         for name, surgery in variants.items():
             model = copy.deepcopy(dense)
             surgery(model)
-            rows.append([name, f"{rank} of 512", f"{val_accuracy(model):.3f}"])
+            rows.append([name, f"{rank} of 512", f"{loader_accuracy(model, val):.3f}"])
     title = (f"Accuracy right after surgery: 64-512-512-10 MLP trained {steps} steps on scikit-learn digits "
              f"(360 held-out images); the 512 x 512 layer is factorized")
     return f"### {title}\n\n" + markdown_table(["surgery", "rank", "val accuracy, no fine-tuning"], rows) + "\n"

@@ -31,7 +31,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from algos import apply_fnet_mixing  # noqa: E402
-from algos.bench import markdown_table, median, run_parts, time_forward, time_interleaved  # noqa: E402
+from algos.bench import loader_accuracy, markdown_table, median, run_parts, time_forward, time_interleaved, train_steps  # noqa: E402
 from algos.surgery.report import count_params  # noqa: E402
 
 
@@ -109,21 +109,8 @@ def accuracy(steps: int) -> str:
     for name, surgery in variants.items():
         model = make()
         surgery(model)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        step = 0
-        while step < steps:
-            for images, labels in train:  # images (B, 1, 8, 8) -> 8 tokens of 8 pixels
-                model.train()
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(model(images), labels).backward()
-                optimizer.step()
-                step += 1
-                if step == steps:
-                    break
-        model.eval()
-        with torch.no_grad():
-            correct = sum((model(x).argmax(1) == y).sum().item() for x, y in val)
-        rows.append([name, f"{count_params(model) / 1e3:.0f} K", f"{correct / len(val.dataset):.3f}"])
+        train_steps(model, train, steps)  # images (B, 1, 8, 8) -> 8 tokens of 8 pixels
+        rows.append([name, f"{count_params(model) / 1e3:.0f} K", f"{loader_accuracy(model, val):.3f}"])
     title = (f"### Accuracy: 4-layer transformer (d 64) on scikit-learn digits as 8 tokens of 8 pixels, {steps} Adam "
              f"steps each, 360 held-out images")
     return f"{title}\n\n" + markdown_table(["mixing", "params", "val accuracy"], rows) + "\n"
