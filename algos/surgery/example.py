@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from algos.surgery.algorithm import SurgeryAlgorithm
-from algos.surgery.replace import SkipModule, apply_surgery
+from algos.surgery.replace import apply_surgery
 from algos.surgery.report import SurgeryReport
 
 
@@ -19,10 +19,15 @@ class SwappedLinear(nn.Linear):
     """An ``nn.Linear`` that a surgery put there."""
 
 
-def to_swapped_linear(linear: nn.Linear, fqn: str, *, min_features: int = 0) -> SwappedLinear:
-    if min(linear.in_features, linear.out_features) < min_features:
-        smallest = min(linear.in_features, linear.out_features)
-        raise SkipModule(f"min(in, out) = {smallest} below min_features {min_features}")
+def too_small(linear: nn.Linear, min_features: int) -> str | None:
+    """A rule that needs no data: passed as ``skip_fn``, so a dry run (``plan``) applies it too."""
+    smallest = min(linear.in_features, linear.out_features)
+    return f"min(in, out) = {smallest} below min_features {min_features}" if smallest < min_features else None
+
+
+def to_swapped_linear(linear: nn.Linear, fqn: str) -> SwappedLinear:
+    """The converter: a new module that computes what ``linear`` did. A rule that needs the data a ``prepare``
+    step gathered raises ``SkipModule(reason)`` here instead of being a ``skip_fn``."""
     swapped = SwappedLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                             device=linear.weight.device, dtype=linear.weight.dtype)
     with torch.no_grad():
@@ -35,11 +40,12 @@ def apply_swap_linear(model: nn.Module, *, min_features: int = 0, optimizers=Non
     """Functional form; ``selection`` takes ``target_modules``, ``exclude_modules``, ``filter_fn``, ``strict``."""
     return apply_surgery(
         model,
-        lambda module, fqn: to_swapped_linear(module, fqn, min_features=min_features),
+        to_swapped_linear,
         algorithm="SwapLinear",
         classes=(nn.Linear,),
         optimizers=optimizers,
         example_inputs=example_inputs,
+        skip_fn=lambda module, fqn: too_small(module, min_features),
         **selection,
     )
 

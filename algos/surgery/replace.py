@@ -15,7 +15,15 @@ from composer.utils.module_surgery import replace_module_classes
 from torch import nn
 
 from algos.surgery.report import SurgeryReport, measure_macs_on_first_call
-from algos.surgery.targets import SURGERY_MARKER, FilterFn, ModuleNames, Skip, any_already_converted, select_targets
+from algos.surgery.targets import (
+    SURGERY_MARKER,
+    FilterFn,
+    ModuleNames,
+    Skip,
+    SkipFn,
+    any_already_converted,
+    select_targets,
+)
 
 # A converter turns one selected module into its replacement, optionally with notes for the report
 # (e.g. {"rank": 64}), or into a Rewrite when the change spans several modules. It raises SkipModule to leave the
@@ -82,8 +90,12 @@ def apply_surgery(
     example_inputs=None,
     prepare: Callable[[list[tuple[str, nn.Module]]], None] | None = None,
     candidate_fn: FilterFn | None = None,
+    skip_fn: SkipFn | None = None,
 ) -> SurgeryReport:
     """Select targets, convert each, swap them in, update ``optimizers``; return the report.
+
+    ``skip_fn(module, fqn) -> reason | None`` holds the algorithm's rules that need no data (size, tied weights):
+    they run at selection, so a dry run (``SurgeryAlgorithm.plan``) applies them too.
 
     ``prepare(targets)``, when given, runs once with every ``(fqn, module)`` target before any conversion: the place
     for work that needs all targets at once (calibration passes, a budget shared across layers).
@@ -100,6 +112,7 @@ def apply_surgery(
         filter_fn=filter_fn,
         strict=strict,
         candidate_fn=candidate_fn,
+        skip_fn=skip_fn,
     )
     if _planning.get():
         raise _Planned([fqn for fqn, _ in targets], list(skipped))
@@ -145,6 +158,9 @@ def replace_modules(
     Composer's ``replace_module_classes`` does the swapping (it also fixes every parent of a shared module) and moves
     old parameters' optimizer state out and new parameters into the same param group, in module order, so a
     replayed surgery lays the optimizer out exactly like the original one.
+
+    All or nothing: if anything fails part-way (a swap, the optimizer update, a module's ``on_install``), every
+    module and every optimizer is put back as it was before the call, and the error is raised.
     """
     if not replacements:
         return
@@ -156,14 +172,45 @@ def replace_modules(
             raise KeyError(f"cannot replace {fqn!r}: the model has no such module") from None
         # same device, dtype and train/eval mode as the module it replaces (a new module is built in train mode)
         old_to_new[old_module] = _match_device_and_dtype(new_module, old_module).train(old_module.training)
-    policies = {kind: (lambda module, _index: old_to_new.get(module)) for kind in {type(old) for old in old_to_new}}
-    replace_module_classes(model, policies=policies, optimizers=optimizers or None)
-    for fqn, new_module in replacements.items():
-        if hasattr(new_module, "on_install"):
-            new_module.on_install(model.get_submodule(fqn.rpartition(".")[0]))
-    new_parameters = {p for new in old_to_new.values() for p in new.parameters()}
-    for optimizer in _as_list(optimizers):
-        start_optimizer_state(optimizer, new_parameters)
+    optimizers = _as_list(optimizers)
+    undo = _Snapshot(model, old_to_new, optimizers)
+    # One policy for every module class: with one per class, a subclass (MultiheadAttention's out_proj is a Linear
+    # subclass) matches two policies and Composer asserts.
+    policy = {nn.Module: lambda module, _index: old_to_new.get(module)}
+    try:
+        replace_module_classes(model, policies=policy, optimizers=optimizers or None)
+        for fqn, new_module in replacements.items():
+            if hasattr(new_module, "on_install"):
+                new_module.on_install(model.get_submodule(fqn.rpartition(".")[0]))
+        new_parameters = {p for new in old_to_new.values() for p in new.parameters()}
+        for optimizer in optimizers:
+            start_optimizer_state(optimizer, new_parameters)
+    except BaseException:
+        undo.restore()
+        raise
+
+
+class _Snapshot:
+    """Where each module to be replaced sits (every parent and attribute name), and each optimizer's param groups
+    and state, so a failed surgery can put them back. Parameters are not copied: the swap never changes them."""
+
+    def __init__(self, model: nn.Module, old_to_new: Mapping[nn.Module, nn.Module], optimizers):
+        self.places = [(parent, name, child) for parent in model.modules()
+                       for name, child in parent._modules.items() if child in old_to_new]
+        self.parent_state = [(parent, dict(vars(parent))) for parent in {id(p): p for p, _, _ in self.places}.values()]
+        self.optimizers = [(opt, [list(group["params"]) for group in opt.param_groups], dict(opt.state))
+                           for opt in optimizers]
+
+    def restore(self) -> None:
+        for parent, attributes in self.parent_state:  # undoes on_install's changes to a parent's flags too
+            parent.__dict__.update(attributes)
+        for parent, name, child in self.places:
+            parent._modules[name] = child
+        for optimizer, params, state in self.optimizers:
+            for group, group_params in zip(optimizer.param_groups, params, strict=True):
+                group["params"] = group_params
+            optimizer.state.clear()
+            optimizer.state.update(state)
 
 
 def start_optimizer_state(optimizer: torch.optim.Optimizer, parameters: set[torch.nn.Parameter]) -> None:

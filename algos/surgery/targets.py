@@ -8,6 +8,12 @@ One selection rule for every algorithm, following the conventions users already 
   that must match the whole name (``re.fullmatch``).
 * ``exclude_modules``: the same two forms, applied afterwards.
 * ``filter_fn(module, fqn) -> bool``: a last say (torchao's ``quantize_`` convention).
+* ``skip_fn(module, fqn) -> str | None``: the algorithm's own rules that need no data (too small, tied weights),
+  returning the reason to leave a target alone. They run here, so ``plan`` (a dry run) sees them too.
+
+Whatever the algorithm, an ``nn.MultiheadAttention``'s ``out_proj`` is never a target: MHA's forward reads
+``out_proj.weight`` and ``.bias`` directly (``F.multi_head_attention_forward``), so a replacement would be bypassed
+or break attention. It is skipped with that reason; replace the whole MHA instead.
 
 Modules an earlier surgery produced (and everything inside them) are never candidates again, which is what makes a
 second application a no-op.
@@ -25,6 +31,7 @@ from torch import nn
 
 ModuleNames = Sequence[str] | str | None
 FilterFn = Callable[[nn.Module, str], bool]
+SkipFn = Callable[[nn.Module, str], "str | None"]
 
 # Attribute set on every module a surgery creates; its value names the algorithm.
 SURGERY_MARKER = "_algos_surgery"
@@ -81,14 +88,17 @@ def select_targets(
     filter_fn: FilterFn | None = None,
     strict: bool = False,
     candidate_fn: FilterFn | None = None,
+    skip_fn: SkipFn | None = None,
 ) -> tuple[list[tuple[str, nn.Module]], list[Skip]]:
     """Return ``(targets, skipped)``: ``(fqn, module)`` pairs to rewrite, in module order, and candidates left alone.
 
     ``candidate_fn(module, fqn)`` is the algorithm's own finer test than ``classes`` (e.g. "an nn.Sequential shaped
     like an MLP"): a module failing it is no candidate at all, silently, and the search goes on inside it.
 
+    ``skip_fn(module, fqn)`` returns why a target stays as it is (None: rewrite it); see the module docstring.
+
     With no target at all (and nothing already converted), warn with Composer's ``NoEffectWarning``, or raise
-    ``ValueError`` listing some candidate names when ``strict=True``.
+    ``ValueError`` when ``strict=True``, naming why candidates were skipped or listing some module names.
     """
     _check_names_argument(target_modules, "target_modules")
     _check_names_argument(exclude_modules, "exclude_modules")
@@ -99,7 +109,9 @@ def select_targets(
     skipped: list[Skip] = []
     # Never descend into a module a surgery created, nor into one already chosen as a target.
     do_not_descend: list[str] = []
+    parents: dict[str, nn.Module] = {}
     for fqn, module in model.named_modules():
+        parents[fqn] = module
         if any(fqn.startswith(prefix + ".") for prefix in do_not_descend):
             continue
         marker = converted_by(module)
@@ -116,6 +128,8 @@ def select_targets(
             skipped.append(Skip(fqn, type(module).__name__, "excluded by exclude_modules"))
         elif filter_fn is not None and not filter_fn(module, fqn):
             skipped.append(Skip(fqn, type(module).__name__, "filter_fn returned False"))
+        elif (reason := _read_by_parent(fqn, parents) or (skip_fn(module, fqn) if skip_fn else None)) is not None:
+            skipped.append(Skip(fqn, type(module).__name__, reason))
         else:
             targets.append((fqn, module))
             do_not_descend.append(fqn)
@@ -123,11 +137,24 @@ def select_targets(
     if not targets and not any_already_converted(skipped):
         wanted = "/".join(cls.__name__ for cls in classes)
         message = f"{algorithm}: no {wanted} module selected (target_modules={target_modules!r}"
-        message += f", {len(skipped)} excluded or filtered)" if skipped else ")"
+        if skipped:
+            message += f"; all {len(skipped)} candidates skipped, e.g. {skipped[0].fqn}: {skipped[0].reason})"
+        else:
+            message += ")"
         if strict:
-            raise ValueError(f"{message}; candidates: {_describe_candidates(model)}.")
+            raise ValueError(f"{message}." if skipped else f"{message}; candidates: {_describe_candidates(model)}.")
         warnings.warn(NoEffectWarning(f"{message}; the model is unchanged."), stacklevel=3)
     return targets, skipped
+
+
+def _read_by_parent(fqn: str, modules: dict[str, nn.Module]) -> str | None:
+    """Why a module cannot be swapped on its own because its parent reads its tensors directly, or None."""
+    parent_name, _, name = fqn.rpartition(".")
+    parent = modules.get(parent_name)
+    if isinstance(parent, nn.MultiheadAttention) and name == "out_proj":
+        return ("nn.MultiheadAttention reads out_proj.weight directly, so a replacement would be bypassed; "
+                "replace the whole attention module instead")
+    return None
 
 
 def _describe_candidates(model: nn.Module, limit: int = 8) -> str:

@@ -105,3 +105,73 @@ def test_new_modules_take_the_train_or_eval_mode_of_the_module_they_replace():
     model[1].train()  # a mixed tree: each replacement follows its own predecessor
     apply_swap_linear(model)
     assert [m.training for m in model] == [False, True]
+
+
+def test_failure_after_the_first_swap_rolls_back_every_module_and_the_optimizer(monkeypatch):
+    import algos.surgery.replace as replace
+
+    model = net()
+    optimizer = trained_adam(model)
+    modules_before = list(model)
+    groups_before = [list(group["params"]) for group in optimizer.param_groups]
+    state_before = {p: dict(state) for p, state in optimizer.state.items()}
+    real = replace.replace_module_classes
+    swaps = []
+
+    def fail_on_second_swap(model, policies, optimizers=None):
+        (policy,) = policies.values()
+
+        def counting(module, index):
+            new = policy(module, index)
+            if new is not None:
+                swaps.append(module)
+                if len(swaps) == 2:  # the first swap has already happened in the model
+                    assert isinstance(model[0], SwappedLinear)
+                    raise RuntimeError("injected")
+            return new
+
+        return real(model, {nn.Module: counting}, optimizers)
+
+    monkeypatch.setattr(replace, "replace_module_classes", fail_on_second_swap)
+    with pytest.raises(RuntimeError, match="injected"):
+        apply_swap_linear(model, optimizers=optimizer)
+    assert all(a is b for a, b in zip(model, modules_before, strict=True))
+    assert [list(group["params"]) for group in optimizer.param_groups] == groups_before
+    assert set(optimizer.state) == set(state_before)
+    assert all(optimizer.state[p][k] is v for p, s in state_before.items() for k, v in s.items())
+    model(torch.randn(4, 6)).sum().backward()
+    optimizer.step()  # still a working model and optimizer
+
+
+def test_failing_optimizer_update_rolls_back_too(monkeypatch):
+    import composer.utils.module_surgery as composer_surgery
+
+    model = net()
+    optimizer = trained_adam(model)
+    before = list(model)
+    monkeypatch.setattr(composer_surgery, "update_params_in_optimizer",
+                        lambda **kwargs: (_ for _ in ()).throw(RuntimeError("optimizer broke")))
+    with pytest.raises(RuntimeError, match="optimizer broke"):
+        apply_swap_linear(model, optimizers=optimizer)
+    assert all(a is b for a, b in zip(model, before, strict=True))
+    assert len(optimizer_params(optimizer)) == 6
+
+
+def test_multihead_attention_out_proj_is_skipped_with_a_reason_and_the_rest_swapped():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    optimizer = torch.optim.Adam(layer.parameters())
+    x = torch.randn(3, 5, 16)
+    expected = layer(x)
+    report = apply_swap_linear(layer, optimizers=optimizer)
+    assert sorted(row.fqn for row in report.replaced) == ["linear1", "linear2"]
+    (skip,) = report.skipped
+    assert skip.fqn == "self_attn.out_proj" and "reads out_proj.weight directly" in skip.reason
+    assert type(layer.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert torch.allclose(layer(x), expected)
+    assert len(optimizer_params(optimizer)) == len(list(layer.parameters()))
+
+
+def test_strict_error_names_why_every_candidate_was_skipped():
+    with pytest.raises(ValueError, match=r"all 3 candidates skipped, e.g. 0: min\(in, out\) = 6 below"):
+        apply_swap_linear(net(), min_features=100, strict=True)
