@@ -63,6 +63,9 @@ class SurgeryAlgorithm(Algorithm):
                              f"calibration, or run in one process.")
         self.reports: list[SurgeryReport] = []
         self._record: list[tuple[str, nn.Module]] = []
+        # At INIT, weightless copies of the modules the surgery replaced: if a checkpoint then loads whose recorded
+        # surgery differs (ranks chosen from other weights), resume swaps them back before replaying the record.
+        self._originals: list[tuple[str, nn.Module]] = []
         self._unlogged: list[SurgeryReport] = []
         self._done = False
 
@@ -112,14 +115,23 @@ class SurgeryAlgorithm(Algorithm):
             return
         self._done = True
         calibration = _dataloader_batches(state, self.calibration_needed) if self.calibration_needed else None
+        before = meta_copy(state.model) if event == Event.INIT else None  # a checkpoint may load after INIT
         report = self.surgery(state.model, optimizers=state.optimizers, calibration=calibration)
         self.reports.append(report)
-        self._record += [(fqn, meta_copy(state.model.get_submodule(fqn)))
-                         for row in report.replaced for fqn in (row.fqn, *row.companions)]
+        replaced = [fqn for row in report.replaced for fqn in (row.fqn, *row.companions)]
+        self._record += [(fqn, meta_copy(state.model.get_submodule(fqn))) for fqn in replaced]
+        if before is not None:
+            self._originals = [(fqn, before.get_submodule(fqn)) for fqn in replaced]
         self._unlogged.append(report)
         log.info("%s", report)
         if report.measured:  # else MACs come with the first forward pass, and the report is logged after batch 1
             self._log_reports(logger)
+
+    def adopt(self, record: list[tuple[str, nn.Module]]) -> None:
+        """Take a checkpoint's record as this run's surgery (resume replays it): done, never recomputed."""
+        self._done = True
+        self._record = list(record)
+        self._originals = []
 
     def _log_reports(self, logger: Logger) -> None:
         for report in self._unlogged:

@@ -24,7 +24,7 @@ import warnings
 from composer.core import Algorithm, Event, State
 from torch import nn
 
-from algos.surgery.algorithm import RECORD_KEY
+from algos.surgery.algorithm import RECORD_KEY, SurgeryAlgorithm
 from algos.surgery.replace import replace_modules
 from algos.surgery.skeleton import materialize
 from algos.surgery.targets import SURGERY_MARKER, converted_by
@@ -69,25 +69,63 @@ def is_surgery_entry(entry) -> bool:
 
 
 def replay_recorded_surgery(state: State, entries: list, exclude_algorithms: list[str] | None = None) -> None:
-    """Put each recorded module back where it was, unless the model already holds that algorithm's module there."""
-    current = {repr(algorithm) for algorithm in state.algorithms}
+    """Make ``state.model`` the architecture each recorded surgery produced; the record always wins.
+
+    For each entry, the algorithm passed again under the same name (if any) is its owner:
+    * it has not run yet (``apply_at`` or calibration at FIT_START): the record is replayed and the algorithm is
+      marked done, so it never recomputes ranks or trees from the resumed model's weights;
+    * it ran at INIT and produced the recorded modules: nothing to do;
+    * it ran at INIT and produced something else (e.g. ``energy=`` ranks from other initial weights): its modules
+      are swapped back for the originals, then the record is replayed.
+    Without an owner, the record is replayed and a ``ReplayedSurgery`` stands in for the algorithm.
+    """
+    owners = [a for a in state.algorithms if isinstance(a, SurgeryAlgorithm)]
     for name, entry in entries:
         if (exclude_algorithms and name in exclude_algorithms) or not entry[RECORD_KEY]:
             continue  # excluded, or an algorithm that changed nothing (e.g. passed again to a resumed run)
-        replacements = {}
-        for fqn, skeleton in entry[RECORD_KEY]:
-            module = _get_submodule(state.model, fqn, entry["repr"])
-            if converted_by(module) == getattr(skeleton, SURGERY_MARKER, None):
-                continue  # the algorithm was passed again and has already run
-            replacements[fqn] = materialize(skeleton, _device_of(module))
-        if not replacements:
-            if entry["repr"] not in current:
-                warnings.warn(f"checkpoint was trained with {entry['repr']}; this Trainer has "
-                              f"{sorted(current)}: their modules must match for the weights to load", stacklevel=2)
+        owner = next((a for a in owners if a.name == name), None)
+        if owner is not None:
+            owners.remove(owner)
+            if owner.applied and _same_modules(state.model, owner, entry[RECORD_KEY]):
+                continue
+            if owner.applied:
+                warnings.warn(f"{owner!r} rewrote the model differently from the checkpoint's {entry['repr']}; "
+                              f"the checkpoint's surgery is used", stacklevel=2)
+                replace_modules(state.model, {fqn: materialize(original, _device_of(state.model.get_submodule(fqn)))
+                                              for fqn, original in owner._originals}, state.optimizers)
+            owner.adopt(entry[RECORD_KEY])
+        replay_record(state.model, entry[RECORD_KEY], entry["repr"], state.optimizers)
+        if owner is None:
+            state.algorithms.append(ReplayedSurgery.named(name, entry))
+        log.info("Replayed %s from the checkpoint on %d modules", entry["repr"], len(entry[RECORD_KEY]))
+
+
+def replay_record(model: nn.Module, record: list, algorithm: str, optimizers=None, prefix: str = "") -> None:
+    """Put each recorded module (fqn, weightless copy) into ``model``, unless the same algorithm's module is
+    already there; ``prefix`` is stripped from the recorded names (a record of a Composer model, loaded into the
+    network it wraps)."""
+    replacements = {}
+    for fqn, skeleton in record:
+        if not fqn.startswith(prefix):
             continue
-        replace_modules(state.model, replacements, state.optimizers)
-        state.algorithms.append(ReplayedSurgery.named(name, entry))
-        log.info("Replayed %s from the checkpoint on %d modules", entry["repr"], len(replacements))
+        fqn = fqn[len(prefix):]
+        module = _get_submodule(model, fqn, algorithm)
+        if converted_by(module) != getattr(skeleton, SURGERY_MARKER, None):
+            replacements[fqn] = materialize(skeleton, _device_of(module))
+    replace_modules(model, replacements, optimizers)
+
+
+def _same_modules(model: nn.Module, owner: SurgeryAlgorithm, record: list) -> bool:
+    """Did ``owner``'s own surgery put exactly the recorded modules (names, types, tensor shapes) in ``model``?"""
+    if [fqn for fqn, _ in owner._record] != [fqn for fqn, _ in record]:
+        return False
+    current = {fqn: model.get_submodule(fqn) for fqn, _ in record}
+    return all(type(current[fqn]) is type(skeleton) and _shapes(current[fqn]) == _shapes(skeleton)
+               for fqn, skeleton in record)
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple]:
+    return {key: tuple(value.shape) for key, value in module.state_dict().items()}
 
 
 def _get_submodule(model: nn.Module, fqn: str, algorithm: str) -> nn.Module:

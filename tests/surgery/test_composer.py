@@ -1,5 +1,7 @@
 """The core inside a real Composer Trainer: surgery at INIT, logging, and bit-exact checkpoint resume."""
 
+import contextlib
+
 import pytest
 import torch
 from composer import Trainer
@@ -167,3 +169,31 @@ def test_resume_in_a_process_that_never_imports_algos(composer_model_factory, tr
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "['SwappedLinear', 'ReLU', 'Dropout', 'SwappedLinear']" in result.stdout
+
+
+@pytest.mark.parametrize("apply_at", [None, "1ba"], ids=["at-INIT", "at-1ba"])
+def test_recorded_surgery_wins_over_recomputing_it_on_resume(composer_model_factory, train_dataloader, tmp_path,
+                                                             apply_at):
+    """Ranks chosen from the weights (energy=) differ on a fresh model with other weights; the checkpoint's win."""
+    def algorithm():
+        return Factorize(energy=0.5, rank_multiple=1, min_features=1, apply_at=apply_at)
+
+    straight = make_trainer(composer_model_factory(), train_dataloader, tmp_path, [algorithm()])
+    straight.fit()
+    expected = final_state(straight)
+    recorded_rank = straight.state.model.module[0].rank
+
+    fresh = composer_model_factory(seed=1)
+    with torch.no_grad():  # a rank-1 first layer: energy=0.5 picks rank 1 here, more in the checkpointed run
+        fresh.module[0].weight.copy_(torch.outer(torch.randn(32), torch.randn(16)))
+    again = algorithm()
+    with pytest.warns(UserWarning, match="differently") if apply_at is None else contextlib.nullcontext():
+        resumed = make_trainer(fresh, train_dataloader, tmp_path / "resumed", [again],
+                               load_path=str(tmp_path / "checkpoints" / "ep0-ba2-rank0.pt"))
+    assert recorded_rank > 1 and resumed.state.model.module[0].rank == recorded_rank
+    assert again.applied and not any(type(a).__name__ == "Factorize" and a is not again
+                                     for a in resumed.state.algorithms)
+    resumed.fit()
+    assert_same(final_state(resumed), expected)
+    entries = dict(resumed.state.algorithms[0].state_dict()["algos_surgery_record"])
+    assert entries["module.0"].rank == recorded_rank  # the next checkpoint records the same surgery
