@@ -9,11 +9,12 @@ from composer.algorithms.warnings import NoEffectWarning
 from algos.factorize import Factorize, FactorizedConv1d, FactorizedConv2d, FactorizedLinear, apply_factorization
 from algos.fff import FFF, FFFReplace, apply_fff
 from algos.fnet import FNetMixing, FourierMixing, apply_fnet_mixing
-from algos.surgery import SkipModule, SurgeryAlgorithm, SurgeryReport, apply_surgery, select_targets
+from algos.surgery import SkipModule, SurgeryAlgorithm, SurgeryReport, apply_surgery, load_model, select_targets
 from algos.surgery.example import SwapLinear, apply_swap_linear
 
 __all__ = [
-    "NoEffectWarning", "SkipModule", "SurgeryAlgorithm", "SurgeryReport", "apply_surgery", "select_targets",
+    "NoEffectWarning", "load_model",
+    "SkipModule", "SurgeryAlgorithm", "SurgeryReport", "apply_surgery", "select_targets",
     "SwapLinear", "apply_swap_linear",
     "Factorize", "apply_factorization", "FactorizedLinear", "FactorizedConv1d", "FactorizedConv2d",
     "FFFReplace", "apply_fff", "FFF",

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import warnings
 
+import torch
 from composer.core import Algorithm, Event, State
 from torch import nn
 
@@ -133,12 +135,50 @@ def _get_submodule(model: nn.Module, fqn: str, algorithm: str) -> nn.Module:
         return model.get_submodule(fqn)
     except AttributeError:
         raise KeyError(f"checkpoint was saved after {algorithm} replaced {fqn!r}, but this model has no module "
-                       "of that name; build the Trainer from the model the checkpointed run started from") from None
+                       "of that name; start from the model the checkpointed run started from") from None
 
 
 def _device_of(module: nn.Module):
     tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
     return tensor.device if tensor is not None else "cpu"
+
+
+def load_model(model: nn.Module, checkpoint: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+    """Load a Composer checkpoint of a run with surgery into ``model``, outside any Trainer (for serving).
+
+    ``model`` is built as the run's model was before surgery: the Composer model, or the network it wraps (the
+    checkpoint's names then carry a prefix such as ``module.`` or ``model.``, found from the names). The recorded
+    surgeries are replayed (the same record resume uses: ranks / trees exactly as trained, no calibration), then
+    the trained weights load. Returns ``model``, rewritten in place.
+
+    The checkpoint holds pickled module skeletons, so it is read with ``torch.load(weights_only=False)``: load only
+    files you trust (torch's default ``weights_only=True`` refuses them).
+    """
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = saved.get("state", saved) if isinstance(saved, dict) else None
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{os.fspath(checkpoint)!r} is not a Composer checkpoint (no state.model)")
+    weights = state["model"]
+    entries = [entry for entry in state.get("algorithms") or [] if is_surgery_entry(entry)]
+    prefix = _checkpoint_prefix(model, weights.keys(), [fqn for _, entry in entries for fqn, _ in entry[RECORD_KEY]])
+    for _, entry in entries:
+        replay_record(model, entry[RECORD_KEY], entry["repr"], prefix=prefix)
+    weights = {key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)}
+    model.load_state_dict(weights, strict=strict)
+    return model
+
+
+def _checkpoint_prefix(model: nn.Module, saved_keys, recorded: list[str]) -> str:
+    """The prefix of the checkpoint's names that ``model``'s own names lack ("" for the Composer model itself)."""
+    own = set(model.state_dict())
+    modules = {fqn for fqn, _ in model.named_modules()}
+    candidates = {""} | {key.split(".", 1)[0] + "." for key in saved_keys if "." in key}
+
+    def fit(prefix: str) -> tuple[int, int]:  # recorded modules found first (the model before surgery), then names
+        found = sum(fqn.startswith(prefix) and fqn[len(prefix):] in modules for fqn in recorded)
+        return found, sum(key.startswith(prefix) and key[len(prefix):] in own for key in saved_keys)
+
+    return max(sorted(candidates), key=fit)
 
 
 def install() -> None:

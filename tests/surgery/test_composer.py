@@ -197,3 +197,48 @@ def test_recorded_surgery_wins_over_recomputing_it_on_resume(composer_model_fact
     assert_same(final_state(resumed), expected)
     entries = dict(resumed.state.algorithms[0].state_dict()["algos_surgery_record"])
     assert entries["module.0"].rank == recorded_rank  # the next checkpoint records the same surgery
+
+
+@pytest.mark.parametrize("into", ["composer_model", "network"])
+def test_load_model_gives_the_trained_surgered_model_back_outside_a_trainer(composer_model_factory, train_dataloader,
+                                                                           tmp_path, into):
+    algorithms = [Factorize(energy=0.5, rank_multiple=1, min_features=1, target_modules=["0"]),
+                  FFFReplace(depth=2, target_modules=["3"], apply_at="1ba")]
+    trainer = make_trainer(composer_model_factory(), train_dataloader, tmp_path, algorithms)
+    trainer.fit()
+    trained = trainer.state.model.eval()
+    checkpoint = tmp_path / "checkpoints" / "ep0-ba4-rank0.pt"
+    with pytest.raises(Exception, match="Weights only load failed"):  # why the README says weights_only=False
+        torch.load(checkpoint)
+
+    fresh = composer_model_factory(seed=3)  # other initial weights: ranks are not recomputed from them
+    target = fresh if into == "composer_model" else fresh.module
+    assert algos.load_model(target, checkpoint) is target
+    assert [type(m) for m in fresh.module] == [type(m) for m in trained.module]
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained.state_dict().values(),
+                                                 strict=True))
+    x = torch.randn(5, 16)
+    assert torch.equal(fresh.module.eval()(x), trained.module(x))
+
+
+def test_load_model_names_a_model_that_does_not_fit(composer_model_factory, train_dataloader, tmp_path):
+    make_trainer(composer_model_factory(), train_dataloader, tmp_path, [SwapLinear()]).fit()
+    with pytest.raises(KeyError, match="replaced '3', but this model has no module of that name"):
+        algos.load_model(nn.Sequential(nn.Linear(16, 4)), tmp_path / "checkpoints" / "ep0-ba4-rank0.pt")
+    with pytest.raises(ValueError, match="not a Composer checkpoint"):
+        torch.save({"weights": 1}, tmp_path / "other.pt")
+        algos.load_model(nn.Linear(1, 1), tmp_path / "other.pt")
+
+
+def test_load_model_into_a_hugging_face_network_with_several_surgeries(tmp_path):
+    from tests.models import fixed_batches, tiny_mlm_and_batch
+
+    model, batch = tiny_mlm_and_batch()
+    algorithms = [algos.FNetMixing(keep_attention_layers=[-1]), FFFReplace(depth=2, form="leaf", leaf_width=8)]
+    trainer = make_trainer(model, fixed_batches(batch), tmp_path, algorithms, max_duration="2ba")
+    trainer.fit()
+    network = tiny_mlm_and_batch()[0].model  # the BertForMaskedLM itself; the checkpoint's names start "model."
+    algos.load_model(network, tmp_path / "checkpoints" / "latest-rank0.pt")
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    expected = model.model.eval()(**inputs).logits
+    assert torch.equal(network.eval()(**inputs).logits, expected)
