@@ -11,7 +11,8 @@
   layer norms and residuals sit in the enclosing layer); the module returns the tuple its family's layer unpacks.
   In a decoder, causal mixing keeps its own cache in the model's KV cache: the projected inputs z = [x C_D | x S_D]
   of every position so far (stored as the layer's "keys"), so ``generate`` with ``use_cache=True`` computes one new
-  row per step, O(T D) like attention's cache, instead of re-mixing the whole prefix.
+  row per step, O(T D) like attention's cache, instead of re-mixing the whole prefix. Causal mixing reads the
+  attention mask as causal attention does: a left-padded row is mixed from its first real token on.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from torch import nn
 from algos.fnet.mixing import FourierMixing
 
 
-def keep_mask(mask: torch.Tensor | None, length: int, *, bool_true_means_pad: bool = False) -> torch.Tensor | None:
+def keep_mask(mask: torch.Tensor | None, length: int | None, *, bool_true_means_pad: bool = False,
+              causal: bool = False) -> torch.Tensor | None:
     """(batch, T) bool, True for real tokens, from the masks attention modules receive:
     an HF 0/1 integer mask; an additive float mask (0 keep, very negative drop) of shape (B, T), (B, 1, 1, T) or
-    (B, 1, T, T) (eager and sdpa BERT); a bool mask (True = attend, or True = pad for ``key_padding_mask``)."""
+    (B, 1, T, T) (eager and sdpa BERT); a bool mask (True = attend, or True = pad for ``key_padding_mask``).
+    The last ``length`` keys, or all of them for ``length=None``."""
     if mask is None:
         return None
     if mask.dtype == torch.bool:
@@ -34,9 +37,13 @@ def keep_mask(mask: torch.Tensor | None, length: int, *, bool_true_means_pad: bo
         keep = mask > torch.finfo(mask.dtype).min / 2
     else:
         keep = mask != 0
-    if keep.dim() == 4:  # (B, heads or 1, queries or 1, keys): a key is real if any query may attend to it
-        keep = keep.any(dim=-2).any(dim=1)
-    return keep.reshape(keep.shape[0], -1)[:, -length:]
+    if keep.dim() == 4:  # (B, heads or 1, queries or 1, keys)
+        # causal: the last query (the newest position) sees every real key; other rows may not be trusted, as HF's
+        # sdpa on CUDA lets fully masked rows (a left pad's own) attend everywhere. Otherwise: a key is real if
+        # any query may attend to it.
+        keep = (keep[:, :, -1] if causal else keep.any(dim=-2)).any(dim=1)
+    keep = keep.reshape(keep.shape[0], -1)
+    return keep if length is None else keep[:, -length:]
 
 
 class FourierBertAttention(nn.Module):
@@ -51,7 +58,9 @@ class FourierBertAttention(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, past_key_value=None, output_attentions=False, **kwargs):
-        keep = keep_mask(attention_mask, hidden_states.shape[1]) if self.mixing.padding == "mask" else None
+        keep = None
+        if self.mixing.padding == "mask" or self.mixing.causal:
+            keep = keep_mask(attention_mask, hidden_states.shape[1], causal=self.mixing.causal)
         out = self.LayerNorm(hidden_states + self.dropout(self.mixing(hidden_states, keep)))
         outputs = (out,) + ((None,) if output_attentions else ())
         return outputs + ((None,) if self.is_decoder else ())  # a decoder layer reads a KV cache slot last: none
@@ -82,7 +91,7 @@ class FourierSelfAttention(nn.Module):
         if unbatched:
             x = x.unsqueeze(0)
         keep = None
-        if self.mixing.padding == "mask" and key_padding_mask is not None:
+        if (self.mixing.padding == "mask" or self.mixing.causal) and key_padding_mask is not None:
             keep = keep_mask(key_padding_mask.reshape(x.shape[0], -1), x.shape[1], bool_true_means_pad=True)
         out = self.mixing(x, keep)
         out = out.squeeze(0) if unbatched else out
@@ -117,7 +126,11 @@ class FourierSeqAttention(nn.Module):
             raise ValueError(f"FourierSeqAttention ({self.family}): called as cross-attention; Fourier mixing only "
                              f"replaces self-attention.")
         mask = kwargs.get("mask" if self.family == "t5" else "attention_mask")
-        keep = keep_mask(mask, hidden_states.shape[1]) if self.mixing.padding == "mask" else None
+        keep = None
+        if self.mixing.causal:  # the whole sequence so far: its left padding sets the new tokens' positions
+            keep = keep_mask(mask, None, causal=True)
+        elif self.mixing.padding == "mask":
+            keep = keep_mask(mask, hidden_states.shape[1])
         cache = kwargs.get("past_key_value")
         history = self._history(cache) if cache is not None and self.mixing.causal else None
         out = self.mixing(hidden_states, keep, history=history)

@@ -14,16 +14,23 @@ For x of shape (batch, T, D), with F_N the N-point DFT matrix F_N[t, s] = exp(-2
 Padding: with ``padding="mask"`` the padded positions are zeroed and the sequence axis is transformed at a fixed
 length N = ``max_length`` (zero-extended; the output is cropped back to T), so a real token's output does not depend
 on how much padding its batch carries. Causal mixing also uses the fixed N, so a prefix's outputs never change as
-the sequence grows. ``norm="ortho"`` scales by 1 / sqrt(N D), which keeps the output's scale that of the input
-(pre-LN blocks need it); ``"backward"`` (no scaling) is the paper's.
+the sequence grows, and it always honours the mask, as the causal attention it replaces does: pads are zeroed and
+each row's positions are counted over its real tokens (position p is DFT row cumsum(keep)[p] - 1, as HF derives
+``position_ids`` from the mask), so a left-padded prompt mixes exactly as it does unpadded.
+
+``norm="ortho"`` scales by 1 / sqrt(N D), which keeps the output's scale that of the input (pre-LN blocks need it);
+``"backward"`` (no scaling) is the paper's.
 
 torch.fft has no fp16/bf16 on CPU and only power-of-two lengths in fp16 on CUDA, so every implementation computes
-in float32 and casts back.
+in float32 (autocast off: it would run the ``dft`` GEMMs in fp16) and casts back. float16 tops out at 65504, and the
+unscaled ``norm="backward"`` peak is T D mean(x) (98,304 for a mean-1 input of 128 x 768): a float16 output that
+would overflow raises an OverflowError naming ``norm="ortho"`` instead of returning inf (bfloat16 has float32's range).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +39,7 @@ from torch import nn
 IMPLS = ("fft", "rfft", "dft")
 NORMS = ("backward", "ortho")
 PADDINGS = ("ignore", "mask")
+FP16_MAX = torch.finfo(torch.float16).max  # 65504
 
 
 def check_mixing_arguments(*, impl: str, causal: bool, norm: str | None, padding: str, max_length: int | None,
@@ -71,27 +79,39 @@ class FourierMixing(nn.Module):
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, history=None) -> torch.Tensor:
         """Mix x (batch, T, D). ``history`` (causal decoding only): a callable that appends this step's projected
         inputs z = [x C_D | x S_D] of shape (batch, T, 2D) to those of the earlier steps and returns them all; x is
-        then the newest T positions and only their outputs are computed (the KV cache of a Fourier layer)."""
+        then the newest T positions and only their outputs are computed (the KV cache of a Fourier layer).
+
+        ``keep`` (batch, T) bool, True for real tokens, is used with ``padding="mask"`` and always when causal; a
+        causal call may pass it for the whole sequence so far, (batch, past + T), as its left padding sets the
+        positions of the new tokens."""
         if history is not None and not self.causal:
             raise ValueError("FourierMixing: cached (incremental) mixing needs causal=True.")
         length = x.shape[-2]
         period = self.max_length if (self.causal or self.padding == "mask") else length
-        h = x.float()
-        if keep is not None and self.padding == "mask":
-            h = h * keep[..., None].to(h.dtype)
-        if self.impl == "dft":
-            z = self._project(h)
-            if history is not None:
-                z = history(z)
-            if z.shape[-2] > period:
-                raise ValueError(f"FourierMixing: sequence length {z.shape[-2]} exceeds max_length {period}.")
-            y = self._combine(z, start=z.shape[-2] - length, period=period)
-        else:
-            if length > period:
-                raise ValueError(f"FourierMixing: sequence length {length} exceeds max_length {period}.")
-            padded = F.pad(h, (0, 0, 0, period - length)) if period > length else h
-            y = (_fft_mix(padded, self.norm) if self.impl == "fft" else _rfft_mix(padded, self.norm))[..., :length, :]
-        return self.dropout(y.to(x.dtype))
+        masked = keep is not None and (self.causal or self.padding == "mask")
+        with _autocast_off(x.device):
+            h = x.float()
+            if masked:
+                _check_mask_covers(keep, length)
+                h = h * keep[:, -length:, None].to(h.dtype)
+            if self.impl == "dft":
+                z = self._project(h)
+                if history is not None:
+                    z = history(z)
+                positions = _positions(keep, z.shape[-2]) if masked and self.causal else None
+                span = z.shape[-2] if positions is None else int(positions.max()) + 1
+                if span > period:
+                    raise ValueError(f"FourierMixing: sequence length {span} exceeds max_length {period}.")
+                y = self._combine(z, start=z.shape[-2] - length, period=period, positions=positions)
+                if positions is not None:  # pads (left or inside) get no DFT row of their own: output 0
+                    y = y * keep[:, -length:, None].to(y.dtype)
+            else:
+                if length > period:
+                    raise ValueError(f"FourierMixing: sequence length {length} exceeds max_length {period}.")
+                padded = F.pad(h, (0, 0, 0, period - length)) if period > length else h
+                y = (_fft_mix(padded, self.norm) if self.impl == "fft" else _rfft_mix(padded, self.norm))
+                y = y[..., :length, :]
+        return self.dropout(_cast_back(y, x.dtype, self.norm))
 
     def _project(self, h: torch.Tensor) -> torch.Tensor:
         """z = x @ [C_D | S_D], (B, T, 2D): the hidden-axis DFT, one GEMM."""
@@ -100,18 +120,61 @@ class FourierMixing(nn.Module):
             self._matrices[key] = _hidden_matrix(h.shape[-1], h.device)
         return h @ self._matrices[key]
 
-    def _combine(self, z: torch.Tensor, start: int, period: int) -> torch.Tensor:
+    def _combine(self, z: torch.Tensor, start: int, period: int, positions: torch.Tensor | None = None):
         """Rows start .. T-1 of C_T (x C_D) - S_T (x S_D) for the T positions in z: the sequence-axis DFT.
 
         With a fixed period (causal or padding="mask") the (N, N) matrices are built once and sliced, so position t
-        always gets the same row whatever the length; otherwise they are built for N = T."""
+        always gets the same row whatever the length; otherwise they are built for N = T. ``positions`` (batch, T):
+        the DFT index of each position, per row (causal mixing of a left-padded batch)."""
         total, width = z.shape[-2], z.shape[-1] // 2
         size = period if (self.causal or self.padding == "mask") else total
         key = ("sequence", size, width, z.device)
         if key not in self._matrices:
             self._matrices[key] = _sequence_matrices(size, width, self.causal, self.norm, z.device)
-        cos_t, sin_t = (m[start:total, :total] for m in self._matrices[key])
+        if positions is None:
+            cos_t, sin_t = (m[start:total, :total] for m in self._matrices[key])
+        else:
+            # per row b, with q = positions[b]: y[b, p] = sum_s C[q_p, q_s] z_C[b, s] - S[q_p, q_s] z_S[b, s]
+            # (pads have z = 0, so they add nothing; (batch, T_new, T) matrices, as attention's scores)
+            rows, columns = positions[:, start:, None], positions[:, None, :]
+            cos_t, sin_t = (m[rows, columns] for m in self._matrices[key])
         return cos_t @ z[..., :width] - sin_t @ z[..., width:]
+
+
+def _positions(keep: torch.Tensor, total: int) -> torch.Tensor | None:
+    """The DFT index of each of the last ``total`` positions, q = cumsum(keep) - 1 (real tokens counted from each
+    row's first one, as HF's position_ids), or None when it is 0 .. T-1 for every real token (no real token after a
+    pad: unpadded or right-padded)."""
+    _check_mask_covers(keep, total)
+    keep = keep[:, -total:]
+    if not (keep[:, 1:] & ~keep[:, :-1]).any():
+        return None
+    return (keep.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _check_mask_covers(keep: torch.Tensor, total: int) -> None:
+    if keep.shape[-1] < total:
+        raise ValueError(f"FourierMixing: the attention mask covers {keep.shape[-1]} positions but the mixing sees "
+                         f"{total} (cache included); pass the mask of the whole sequence, as generate does.")
+
+
+def _autocast_off(device: torch.device):
+    """Autocast would run the dft GEMMs in float16 (overflowing for norm="backward"): mixing stays in float32."""
+    return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else nullcontext()
+
+
+def _cast_back(y: torch.Tensor, dtype: torch.dtype, norm: str) -> torch.Tensor:
+    """y (float32) in the input's dtype, or an OverflowError naming the fix where float16 cannot hold it (inf is
+    what the cast would silently give). A non-finite peak came in with the input: passed on, as any layer would."""
+    if dtype == torch.float16 and y.numel():
+        low, high = torch.aminmax(y.detach())  # one pass, no |y| temporary
+        peak = float(torch.maximum(-low, high))
+        if FP16_MAX < peak < math.inf:
+            fix = ("use norm='ortho', which scales by 1/sqrt(N D)" if norm == "backward"
+                   else "run the model in bfloat16 or float32")
+            raise OverflowError(f"FourierMixing: norm={norm!r} output peaks at {peak:.0f}, beyond float16's "
+                                f"{FP16_MAX:.0f}; {fix}.")
+    return y.to(dtype)
 
 
 def _fft_mix(h: torch.Tensor, norm: str) -> torch.Tensor:

@@ -84,3 +84,55 @@ def test_bad_arguments():
         FourierMixing("fast")
     with pytest.raises(ValueError, match="sequence length 9 exceeds max_length 8"):
         FourierMixing("dft", causal=True, max_length=8)(torch.randn(1, 9, 4))
+
+
+def mean_one_input():
+    """(1, 128, 768), mean 1: Re(F_T x F_D) peaks at about T D = 98,304 in the DC bin, beyond float16's 65504."""
+    return torch.rand(1, 128, 768, generator=torch.Generator().manual_seed(5)) * 2
+
+
+@pytest.mark.parametrize("impl", ["fft", "rfft", "dft"])
+def test_float16_overflow_is_an_error_naming_ortho(impl):
+    x = mean_one_input()
+    assert FourierMixing(impl)(x).abs().max() > torch.finfo(torch.float16).max  # float32: the true result
+    with pytest.raises(OverflowError, match=r"norm='backward' output peaks at 9\d{4}, beyond float16's 65504; "
+                                            r"use norm='ortho'"):
+        FourierMixing(impl)(x.half())
+    # norm="ortho" (1 / sqrt(T D)) keeps the scale: finite, and the float32 result to float16 precision
+    y = FourierMixing(impl, norm="ortho")(x.half())
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), FourierMixing("fft", norm="ortho")(x.half().float()), rtol=1e-3, atol=2e-2)
+    # small inputs pass with norm="backward", and a non-finite input is passed on (not this layer's overflow)
+    assert torch.isfinite(FourierMixing(impl)(x[:, :8, :16].half())).all()
+    x[0, 3, 5] = float("inf")
+    assert not torch.isfinite(FourierMixing(impl, norm="ortho")(x.half())).all()
+
+
+@pytest.mark.parametrize("impl", ["fft", "rfft", "dft"])
+def test_mixing_stays_in_float32_under_float16_autocast(impl):
+    """Autocast would run the dft GEMMs in float16, whose norm='backward' result overflows inside the mixing."""
+    x = mean_one_input()
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = FourierMixing(impl)(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, FourierMixing("fft")(x), rtol=1e-4, atol=0.5)
+
+
+def test_causal_positions_count_real_tokens_from_each_rows_first():
+    """Left padding and holes: row b's k-th real token is DFT position k; pads add nothing and get output 0."""
+    generator = torch.Generator().manual_seed(7)
+    mixing = FourierMixing("dft", causal=True, max_length=16)
+    x = torch.randn(2, 7, 8, generator=generator)
+    keep = torch.tensor([[0, 0, 1, 1, 0, 1, 1], [1, 1, 1, 1, 1, 0, 0]]).bool()
+    y = mixing(x, keep)
+    for row in range(2):
+        torch.testing.assert_close(y[row, keep[row]], mixing(x[row, keep[row]][None])[0])
+        assert torch.all(y[row, ~keep[row]] == 0)
+    # a batch that is real through max_length after its pads fits; one more real token does not
+    assert mixing(torch.randn(1, 20, 8), torch.arange(20)[None] >= 4).shape == (1, 20, 8)
+    with pytest.raises(ValueError, match="sequence length 17 exceeds max_length 16"):
+        mixing(torch.randn(1, 20, 8), torch.arange(20)[None] >= 3)
+    # with a cache, the mask must cover the cached positions too (their padding sets the new tokens' positions)
+    past = mixing._project(x[:, :5])
+    with pytest.raises(ValueError, match="the attention mask covers 2 positions but the mixing sees 7"):
+        mixing(x[:, 5:], keep[:, 5:], history=lambda z: torch.cat([past, z], dim=1))

@@ -8,12 +8,14 @@ from transformers import (
     BartForConditionalGeneration,
     GPT2Config,
     GPT2LMHeadModel,
+    GPT2Model,
     T5Config,
     T5ForConditionalGeneration,
 )
 
 from algos import apply_fnet_mixing
 from algos.fnet import FourierMixing, FourierSeqAttention
+from algos.fnet.adapters import keep_mask
 
 
 def tiny_bart(**overrides):
@@ -159,3 +161,66 @@ def test_scope_errors_are_one_line():
         apply_fnet_mixing(gpt, impl="dft", causal=True, scope="decoder")
         prompt = torch.randint(4, 64, (1, 4))
         gpt.generate(prompt, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
+
+
+def left_padded(prompts, pad=0):
+    """A left-padded batch (as a tokenizer with padding_side="left" gives) and its attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.full((width - len(p),), pad), p]) for p in prompts])
+    mask = torch.stack([torch.arange(width) >= width - len(p) for p in prompts]).long()
+    return ids, mask
+
+
+def mixed_gpt2():
+    gpt = tiny_gpt2()
+    apply_fnet_mixing(gpt, impl="dft", causal=True, scope="decoder", keep_attention_layers=[-1])
+    return gpt
+
+
+def test_causal_mixing_of_a_left_padded_batch_equals_each_prompt_alone():
+    """Each row's real tokens are mixed from its first real token on (pads zeroed), so with the position_ids
+    generate derives from the mask, a left-padded row gives the logits of its prompt alone."""
+    gpt = mixed_gpt2()
+    generator = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(4, 64, (n,), generator=generator) for n in (3, 9, 6)]
+    ids, mask = left_padded(prompts)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    padded = gpt(ids, attention_mask=mask, position_ids=positions).logits
+    for row, prompt in enumerate(prompts):
+        alone = gpt(prompt[None]).logits[0]
+        torch.testing.assert_close(padded[row, -len(prompt):], alone, atol=1e-5, rtol=1e-4)
+    # one cached step after the padded prefix: the new token's position is offset per row too
+    out = gpt(ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    new = torch.randint(4, 64, (3, 1), generator=generator)
+    step = gpt(new, attention_mask=torch.cat([mask, torch.ones_like(new)], 1), position_ids=positions[:, -1:] + 1,
+               past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+    for row, prompt in enumerate(prompts):
+        torch.testing.assert_close(step[row], gpt(torch.cat([prompt, new[row]])[None]).logits[0, -1], atol=1e-5,
+                                   rtol=1e-4)
+
+
+def test_greedy_generation_of_a_left_padded_batch_equals_each_prompt_alone():
+    gpt = mixed_gpt2()
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(4, 64, (n,), generator=generator) for n in (3, 8)]
+    options = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    alone = [gpt.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), **options)[0, len(p):]
+             for p in prompts]
+    ids, mask = left_padded(prompts)
+    for use_cache in (True, False):
+        batch = gpt.generate(ids, attention_mask=mask, use_cache=use_cache, **options)[:, ids.shape[1]:]
+        assert torch.equal(batch[0], alone[0]) and torch.equal(batch[1], alone[1]), use_cache
+
+
+def test_causal_keep_mask_reads_the_newest_query():
+    """On CUDA, HF's sdpa lets fully masked query rows (a left pad's own) attend everywhere; the keys a causal layer
+    keeps are read from the last query row, which is never fully masked, so the pads stay pads."""
+    from transformers.modeling_attn_mask_utils import AttentionMaskConverter
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    causal = GPT2Model._prepare_4d_causal_attention_mask_with_cache_position(
+        mask, sequence_length=5, target_length=5, dtype=torch.float32, cache_position=torch.arange(5), batch_size=2)
+    unmasked = AttentionMaskConverter._unmask_unattended(causal, torch.finfo(torch.float32).min)
+    assert not torch.equal(unmasked, causal)  # the pads' rows now attend everywhere
+    for form in (causal, unmasked, mask):
+        assert torch.equal(keep_mask(form, None, causal=True), mask.bool())
