@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
+import warnings
 
+import psutil
 import torch
 import torch.nn.functional as F
+from composer.algorithms.warnings import NoEffectWarning
 from composer.core import Event, State, TimeUnit
 from composer.loggers import Logger
 from torch import nn
 
-from algos.fff.blocks import BLOCK_CLASSES, Block, find_block, is_block
+from algos.fff.blocks import ALGORITHM, BLOCK_CLASSES, Block, find_block, is_block, rewritten_in_place
 from algos.fff.init import init_from_dense, relative_error
-from algos.fff.tree import ACTIVATIONS, FFF, check_tree_arguments, fff_param_count
+from algos.fff.tree import ACTIVATIONS, FFF, activation_name, check_tree_arguments, fff_param_count
 from algos.surgery.algorithm import SurgeryAlgorithm, parse_time, time_reached
 from algos.surgery.calibration import CalibrationError, run_calibration
 from algos.surgery.replace import apply_surgery
@@ -76,31 +80,44 @@ def apply_fff(
         region_leak: leaf form: probability of flipping each soft decision in training.
         activation: ``"gelu"``, ``"relu"``, ... ; None takes the block's own (GELU for a lone Linear).
         max_params: refuse trees bigger than this: an int (parameters), or a float (times the block's parameters).
+            Trees that together cannot fit in the memory available where they are built are always refused.
         calibration_batches, calibration_tokens: use at most this many batches, and keep at most this many tokens
             per block (a random subset).
         target_modules, exclude_modules, filter_fn, strict: module selection (see ``algos.surgery.targets``).
         optimizers: kept consistent with the new parameters.
         example_inputs: run once after surgery to fill in the report's MACs.
+
+    Applying it twice is applying it once. A ``model`` that is itself the block cannot be converted in place (the
+    warning, or with ``strict`` the error, says how to wrap it or build the ``FFF`` directly).
     """
     check_arguments(depth=depth, form=form, leaf_width=leaf_width, init=init, activation=activation,
                     region_leak=region_leak, max_params=max_params)
     if init == "dense" and calibration is None:
         raise ValueError("FFFReplace: init='dense' needs calibration= batches (or, in a Trainer, a train_dataloader).")
     options = dict(depth=depth, form=form, leaf_width=leaf_width, mirrored=mirrored, region_leak=region_leak)
+    named = target_modules is not None
     blocks: dict[str, Block] = {}
     inputs: dict[str, torch.Tensor] = {}
 
+    def candidate(module: nn.Module, fqn: str) -> bool:
+        # A Transformer layer converted before is no candidate: the search goes inside, where the core skips its
+        # tree as "already converted by FFFReplace" (so applying twice is applying once).
+        return not rewritten_in_place(module) and (named or is_block(module, fqn, model))
+
+    def refuse(module: nn.Module, fqn: str) -> None:
+        """The data-free refusals, run at selection so that ``FFFReplace.plan`` raises them too."""
+        block = find_block(module, fqn, model)
+        if isinstance(block, str):
+            raise ValueError(f"FFFReplace: target {fqn!r} is {block}; target_modules must name dense MLP blocks "
+                             f"or nn.Linear layers.")
+        if init == "dense" and block.kind == "linear":
+            raise ValueError(f"FFFReplace: init='dense' needs an MLP block (Linear, activation, Linear), but "
+                             f"{fqn!r} is a lone nn.Linear; use init='scratch' for it.")
+        _check_size({fqn: block}, max_params, **options)
+
     def prepare(targets):
-        for fqn, module in targets:
-            block = find_block(module, fqn, model)
-            if isinstance(block, str):
-                raise ValueError(f"FFFReplace: target {fqn!r} is {block}; target_modules must name dense MLP blocks "
-                                 f"or nn.Linear layers.")
-            if init == "dense" and block.kind == "linear":
-                raise ValueError(f"FFFReplace: init='dense' needs an MLP block (Linear, activation, Linear), but "
-                                 f"{fqn!r} is a lone nn.Linear; use init='scratch' for it.")
-            _check_size(fqn, block, max_params, **options)
-            blocks[fqn] = block
+        blocks.update((fqn, find_block(module, fqn, model)) for fqn, module in targets)
+        _check_size(blocks, max_params, **options)  # all trees together
         if calibration is not None:
             collector = _TokenCollector(inputs, blocks, calibration_tokens)
             run_calibration(model, {fqn: block.dense.fc1 for fqn, block in blocks.items()}, calibration,
@@ -108,9 +125,9 @@ def apply_fff(
 
     def convert(module: nn.Module, fqn: str):
         block = blocks[fqn]
-        weight = block.dense.fc1.weight
-        fff = FFF(block.dense.in_features, block.dense.out_features,
-                  activation=activation or _activation_of(block), **options).to(weight.device)
+        with torch.device(block.dense.fc1.weight.device):  # built where it goes: the memory _check_size checked
+            fff = FFF(block.dense.in_features, block.dense.out_features,
+                      activation=activation or _activation_of(block), **options)
         notes = {"depth": depth, "form": form}
         if fqn in inputs:
             if init == "dense":
@@ -120,14 +137,42 @@ def apply_fff(
             notes["init"] = "scratch (calibration never reached it)"
         return block.rewrite(fff, fqn, notes)
 
-    named = target_modules is not None
     if named:
         _check_named_targets(model, target_modules)
-    return apply_surgery(model, convert, algorithm="FFFReplace",
-                         classes=BLOCK_CLASSES + ((nn.Linear,) if named else ()),
-                         candidate_fn=None if named else (lambda module, fqn: is_block(module, fqn, model)),
-                         target_modules=target_modules, exclude_modules=exclude_modules, filter_fn=filter_fn,
-                         optimizers=optimizers, strict=strict, example_inputs=example_inputs, prepare=prepare)
+    root = None if named else _root_block_refusal(model, activation, options)
+    if root is not None and strict:
+        raise ValueError(root)
+    with warnings.catch_warnings():
+        if root is not None:  # said instead of the core's "no Sequential selected"
+            warnings.warn(NoEffectWarning(root), stacklevel=2)
+            warnings.simplefilter("ignore", NoEffectWarning)
+        return apply_surgery(model, convert, algorithm=ALGORITHM,
+                             classes=BLOCK_CLASSES + ((nn.Linear,) if named else ()), candidate_fn=candidate,
+                             skip_fn=refuse, target_modules=target_modules, exclude_modules=exclude_modules,
+                             filter_fn=filter_fn, optimizers=optimizers, strict=strict, example_inputs=example_inputs,
+                             prepare=prepare)
+
+
+def _root_block_refusal(model: nn.Module, activation, options: dict) -> str | None:
+    """Why nothing happens when ``model`` itself is the block (the core never selects the root), and what to do."""
+    block = find_block(model, "", model) if isinstance(model, BLOCK_CLASSES) else None
+    if not isinstance(block, Block):
+        return None
+    if block.kind == "transformer_layer":
+        how = "put it inside a parent module: apply_fff(nn.Sequential(layer), ...) converts the layer in place"
+    else:
+        act = activation or _activation_of(block)
+        if isinstance(act, nn.Module):
+            act = activation_name(act) or act  # "gelu" rather than nn.GELU() where a name says it
+        defaults = {name: p.default for name, p in inspect.signature(FFF).parameters.items()}
+        shown = {**{k: v for k, v in options.items() if k != "depth"}, "activation": act}
+        extra = "".join(f", {k}={'nn.' if isinstance(v, nn.Module) else ''}{v!r}"
+                        for k, v in shown.items() if v != defaults[k])
+        how = (f"wrap it (model = nn.Sequential(mlp); apply_fff(model, ...) puts the tree at model[0]) or, for a "
+               f"tree from scratch, build it: FFF({block.dense.in_features}, {block.dense.out_features}, "
+               f"depth={options['depth']}{extra})")
+    return (f"FFFReplace: the model itself is the MLP block (a {type(model).__name__}), and the root module cannot "
+            f"be replaced in place; {how}.")
 
 
 def _check_named_targets(model: nn.Module, target_modules) -> None:
@@ -142,18 +187,55 @@ def _check_named_targets(model: nn.Module, target_modules) -> None:
                              f"target_modules must name dense MLP blocks or nn.Linear layers.")
 
 
-def _check_size(fqn: str, block: Block, max_params, *, depth, form, leaf_width, mirrored, **_) -> None:
-    if max_params is None:
+def _check_size(blocks: dict[str, Block], max_params, *, depth, form, leaf_width, mirrored, **_) -> None:
+    """Refuse, before anything is allocated, a tree over ``max_params`` or trees that together need more memory than
+    is available where they are built; both errors name the deepest depth that fits."""
+    def params(block: Block, d: int) -> int:
+        return fff_param_count(block.dense.in_features, block.dense.out_features, d, form, leaf_width, mirrored)
+
+    def deepest(fits) -> str:
+        fitting = [d for d in range(depth) if fits(d)]
+        return f"depth <= {fitting[-1]} fits" if fitting else "no depth fits"
+
+    def tree_bytes(block: Block, d: int) -> int:  # parameters in the default dtype, and the int64 usage counter
+        return params(block, d) * torch.get_default_dtype().itemsize + 2**d * 8
+
+    if max_params is not None:
+        for fqn, block in blocks.items():
+            dense = sum(p.numel() for p in block.dense.parameters())
+            limit = max_params if isinstance(max_params, int) else max_params * dense
+            if params(block, depth) > limit:
+                hint = deepest(lambda d, block=block, limit=limit: params(block, d) <= limit)
+                raise ValueError(f"FFFReplace: depth={depth} gives {fqn!r} a tree of {params(block, depth):,} "
+                                 f"parameters, more than max_params={max_params!r} allows ({int(limit):,}; the "
+                                 f"dense block has {dense:,}); {hint}.")
+    fqn, block = max(blocks.items(), key=lambda item: params(item[1], depth))
+    memory = available_memory(block.dense.fc1.weight.device)
+    if memory is None:
         return
-    dense = sum(p.numel() for p in block.dense.parameters())
-    limit = max_params if isinstance(max_params, int) else max_params * dense
-    d_in, d_out = block.dense.in_features, block.dense.out_features
-    size = fff_param_count(d_in, d_out, depth, form, leaf_width, mirrored)
-    if size > limit:
-        fitting = [d for d in range(depth) if fff_param_count(d_in, d_out, d, form, leaf_width, mirrored) <= limit]
-        hint = f"depth <= {fitting[-1]} fits" if fitting else "no depth fits"
-        raise ValueError(f"FFFReplace: depth={depth} gives {fqn!r} a tree of {size:,} parameters, more than "
-                         f"max_params={max_params!r} allows ({int(limit):,}; the dense block has {dense:,}); {hint}.")
+    available, source = memory
+
+    def needed(d: int) -> int:
+        return sum(tree_bytes(b, d) for b in blocks.values())
+
+    if needed(depth) > available:
+        together = f"; {len(blocks)} trees, {_bytes(needed(depth))} together" if len(blocks) > 1 else ""
+        raise ValueError(f"FFFReplace: depth={depth} gives {fqn!r} a tree of {params(block, depth):,} parameters "
+                         f"({_bytes(tree_bytes(block, depth))}{together}), more than the {_bytes(available)} of "
+                         f"memory available ({source}); {deepest(lambda d: needed(d) <= available)}.")
+
+
+def available_memory(device: torch.device) -> tuple[int, str] | None:
+    """Free bytes where a tree on ``device`` is allocated, and where that number comes from (None: not known)."""
+    if device.type == "cpu":
+        return psutil.virtual_memory().available, "psutil.virtual_memory().available"
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], "torch.cuda.mem_get_info"
+    return None  # meta (nothing is allocated) and other accelerators: not checked
+
+
+def _bytes(count: int) -> str:
+    return f"{count / 1e9:,.1f} GB" if count >= 1e8 else f"{count / 1e6:,.1f} MB"
 
 
 def _activation_of(block: Block) -> str | nn.Module:

@@ -10,6 +10,10 @@ same input/output width is put in each one's place.
   identity; the layer's activation and inner dropout (which would now act on the FFF's output) become identities
   too, and PyTorch's fused encoder fast path, which reads ``linear1.weight``, is turned off.
 * A lone ``nn.Linear`` (only when named in ``target_modules``): replaced by an FFF from in to out features.
+
+A block whose dense layers a surgery already rewrote is not a dense block. Only a Transformer layer survives its own
+conversion (``rewritten_in_place``); every other block is replaced whole, and the core never selects a module a
+surgery made, so applying FFF twice is applying it once.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from algos.surgery.replace import Rewrite
+from algos.surgery.targets import converted_by
 
+ALGORITHM = "FFFReplace"  # the name new modules are marked with (``algos.surgery.targets.converted_by``)
 ACTIVATION_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Mish, nn.ELU)
 
 
@@ -101,6 +107,17 @@ class TransformerLayerFFF(nn.Module):
 
 def find_block(module: nn.Module, fqn: str, model: nn.Module) -> Block | str:
     """The ``Block`` for a selected module, or a short reason it is not a dense MLP block."""
+    block = _recognise(module, fqn, model)
+    if isinstance(block, str):
+        return block
+    for layer in (block.dense.fc1, block.dense.fc2):
+        if layer is not None and (converted_by(layer) or not isinstance(layer, nn.Linear)):
+            made = f" from {converted_by(layer)}" if converted_by(layer) else ""
+            return f"a {type(module).__name__} whose dense layer was replaced ({type(layer).__name__}{made})"
+    return block
+
+
+def _recognise(module: nn.Module, fqn: str, model: nn.Module) -> Block | str:
     if isinstance(module, HF_INTERMEDIATE):
         parent = model.get_submodule(fqn.rpartition(".")[0]) if "." in fqn else model
         output = getattr(parent, "output", None)
@@ -124,3 +141,8 @@ def find_block(module: nn.Module, fqn: str, model: nn.Module) -> Block | str:
 
 def is_block(module: nn.Module, fqn: str, model: nn.Module) -> bool:
     return isinstance(find_block(module, fqn, model), Block)
+
+
+def rewritten_in_place(module: nn.Module) -> bool:
+    """A Transformer layer FFFReplace already converted: it keeps its class, with the tree in ``linear1``."""
+    return isinstance(module, TRANSFORMER_LAYERS) and converted_by(module.linear1) == ALGORITHM

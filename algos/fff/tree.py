@@ -202,7 +202,7 @@ class FFF(nn.Module):
             rows.append(2 * index + right if self.mirrored else index)
             bottom = index
             index = 2 * index + 1 + right
-        scalar = _SCALAR_ACTIVATIONS.get(_activation_key(self.activation))
+        scalar = _SCALAR_ACTIVATIONS.get(activation_name(self.activation))
         if scalar is not None:
             coefficients = numpy.array([scalar(z) for z in logits], dtype=numpy.float32)
         else:
@@ -266,7 +266,8 @@ class FFF(nn.Module):
         return shape + f", mirrored={self.mirrored}"
 
 
-def _activation_key(activation: nn.Module) -> str | None:
+def activation_name(activation: nn.Module) -> str | None:
+    """The key in ``ACTIVATIONS`` that builds ``activation`` as it is, or None."""
     if type(activation) is nn.GELU:
         return "gelu" if activation.approximate == "none" else None
     return {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh"}.get(type(activation))

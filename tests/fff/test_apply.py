@@ -1,4 +1,6 @@
-"""apply_fff: which blocks are found and how each is rewired, dense initialisation, bad input."""
+"""apply_fff: which blocks are found and how each is rewired, applying twice, dense initialisation, bad input."""
+
+import warnings
 
 import pytest
 import torch
@@ -9,7 +11,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from transformers import BertModel
 
-from algos import FFF, apply_fff
+from algos import FFF, FFFReplace, apply_fff
+from algos.fff import algorithm
 from algos.fff.blocks import TransformerLayerFFF
 from tests.models import tiny_bert_config
 
@@ -173,3 +176,135 @@ def test_bad_input_is_a_one_line_error_and_the_model_is_untouched(kwargs, messag
     assert "\n" not in str(error.value)
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class DecoderOnItself(nn.Module):
+    """An nn.TransformerDecoderLayer attending to its own input, so that one tensor calls it (for calibration)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerDecoderLayer(16, 2, 48, batch_first=True)
+
+    def forward(self, x):
+        return self.layer(x, x)
+
+
+def model_of(kind):
+    """A small eval-mode model holding blocks of ``kind``, an input for it, and apply_fff's selection arguments."""
+    torch.manual_seed(0)
+    if kind == "bert":
+        return BertModel(tiny_bert_config(num_hidden_layers=2)).eval(), {"input_ids": torch.randint(0, 100, (2, 8))}, {}
+    if kind == "vit":
+        vit = torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2,
+                                                   hidden_dim=32, mlp_dim=64, num_classes=4, dropout=0.1)
+        return vit.eval(), torch.randn(2, 3, 16, 16), {}
+    tokens = torch.randn(2, 5, 16)
+    if kind == "sequential":
+        return nn.Sequential(nn.Sequential(nn.Linear(16, 48), nn.GELU(), nn.Linear(48, 16)), nn.ReLU()), tokens, {}
+    if kind == "encoder_layer":
+        layer = nn.TransformerEncoderLayer(16, 2, 48, batch_first=True)
+        return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval(), tokens, {}
+    if kind == "decoder_layer":
+        return DecoderOnItself().eval(), tokens, {}
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), tokens, {"target_modules": ["2"]}
+
+
+def call(model, inputs):
+    with torch.no_grad():
+        output = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output
+
+
+def applied_recording_warnings(model, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = apply_fff(model, **kwargs)
+    return report, {(w.category, str(w.message)) for w in caught}
+
+
+@pytest.mark.parametrize("kind,init", [(kind, init) for kind in ("bert", "vit", "sequential", "encoder_layer",
+                                                                 "decoder_layer", "linear") for init in
+                                       ("scratch", "dense") if (kind, init) != ("linear", "dense")])
+def test_applying_twice_is_applying_once(kind, init):
+    model, inputs, selection = model_of(kind)
+    kwargs = dict(depth=2, init=init, calibration=[inputs] if init == "dense" else None, **selection)
+    once, warned_once = applied_recording_warnings(model, **kwargs)
+    assert once.replaced
+    modules = [(name, type(module)) for name, module in model.named_modules()]
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    output, params = call(model, inputs), sum(p.numel() for p in model.parameters())
+
+    twice, warned_twice = applied_recording_warnings(model, **kwargs)
+    assert twice.replaced == [] and twice.skipped
+    assert {skip.reason for skip in twice.skipped} == {"already converted by FFFReplace"}
+    assert warned_twice <= warned_once
+    assert [(name, type(module)) for name, module in model.named_modules()] == modules
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    assert sum(p.numel() for p in model.parameters()) == params
+    torch.testing.assert_close(call(model, inputs), output, rtol=0, atol=0)
+    assert FFFReplace(depth=2, strict=True, **selection).plan(model) == ([], twice.skipped)
+
+
+def test_a_block_whose_dense_layer_was_replaced_is_no_dense_block():
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 48), 1, enable_nested_tensor=False)
+    apply_fff(encoder, depth=1, target_modules=["linear2"])
+    with pytest.raises(ValueError, match=r"'layers.0' is a TransformerEncoderLayer whose dense layer was replaced "
+                                         r"\(FFF from FFFReplace\); target_modules must name"):
+        apply_fff(encoder, depth=2, target_modules=["layers.0"])
+    assert [skip.reason for skip in apply_fff(encoder, depth=2).skipped] == ["already converted by FFFReplace"]
+
+
+def test_a_model_that_is_the_mlp_says_how_to_convert_it():
+    mlp = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+    _, warned = applied_recording_warnings(mlp, depth=2)
+    ((category, message),) = warned
+    assert category is NoEffectWarning and "\n" not in message
+    assert message == ("FFFReplace: the model itself is the MLP block (a Sequential), and the root module cannot be "
+                       "replaced in place; wrap it (model = nn.Sequential(mlp); apply_fff(model, ...) puts the tree "
+                       "at model[0]) or, for a tree from scratch, build it: FFF(8, 8, depth=2).")
+    assert isinstance(mlp[0], nn.Linear)
+    with pytest.raises(ValueError, match=r"^FFFReplace: the model itself .* FFF\(8, 8, depth=3, form='leaf', "
+                                         r"leaf_width=4, activation=nn.LeakyReLU\(negative_slope=0.2\)\)\.$"):
+        apply_fff(nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Linear(16, 8)), depth=3, form="leaf",
+                  leaf_width=4, strict=True)
+    with pytest.warns(NoEffectWarning, match=r"apply_fff\(nn.Sequential\(layer\), ...\) converts the layer in place"):
+        apply_fff(nn.TransformerEncoderLayer(16, 2, 48), depth=2)
+    wrapped = nn.Sequential(mlp)  # the advice works
+    apply_fff(wrapped, depth=2)
+    assert isinstance(wrapped[0], FFF)
+    tree = FFF(8, 8, depth=2)  # and so does the call it shows
+    assert tree(torch.randn(3, 8)).shape == (3, 8)
+
+
+def test_a_tree_too_big_for_memory_is_refused_before_anything_is_allocated():
+    model, _, _ = trained_digits_mlp(steps=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for attempt in (lambda: apply_fff(model, depth=30), lambda: FFFReplace(depth=30).plan(model)):
+        with pytest.raises(ValueError, match=r"^FFFReplace: depth=30 gives '0' a tree of 182,536,110,005 parameters "
+                                             r"\(738\.7 GB\), more than the [\d,.]+ [GM]B of memory available "
+                                             r"\(psutil\.virtual_memory\(\)\.available\); depth <= \d+ fits\.$"):
+            attempt()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert isinstance(model[0], nn.Sequential)
+
+
+def test_memory_refusal_counts_every_tree_and_names_the_deepest_that_fits(monkeypatch):
+    model = nn.Sequential(*(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64)) for _ in range(2)))
+    monkeypatch.setattr(algorithm, "available_memory", lambda device: (1_000_000, "a test's budget"))
+
+    def tree_bytes(d):  # float32 parameters and the int64 usage counter
+        return 4 * ((2 ** (d + 1) - 1) * (64 + 1 + 2 * 64) + 64) + 8 * 2**d
+
+    assert 2 * tree_bytes(8) <= 1_000_000 < 2 * tree_bytes(9) and tree_bytes(9) <= 1_000_000  # each fits alone
+    with pytest.raises(ValueError, match=r"depth=9 gives '0' a tree of 197,503 parameters \(0\.8 MB; 2 trees, "
+                                         r"1\.6 MB together\), more than the 1\.0 MB of memory available \(a test's "
+                                         r"budget\); depth <= 8 fits\.$"):
+        apply_fff(model, depth=9)
+    assert all(isinstance(block, nn.Sequential) for block in model)
+
+
+def test_available_memory_is_read_where_the_trees_are_built(monkeypatch):
+    assert algorithm.available_memory(torch.device("cpu"))[1] == "psutil.virtual_memory().available"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (5 * 2**30, 80 * 2**30))
+    assert algorithm.available_memory(torch.device("cuda", 0)) == (5 * 2**30, "torch.cuda.mem_get_info")
+    assert algorithm.available_memory(torch.device("meta")) is None  # nothing is allocated there

@@ -1,5 +1,6 @@
 """FFFReplace in a Composer Trainer: training on BERT / ViT / TransformerEncoderLayer models, the hardening loss
-and its ramp, the hard-training switch, usage logging, dense init from the train dataloader."""
+and its ramp, the hard-training switch, usage logging, dense init from the train dataloader, passing it again to a
+model it converted (directly and through a checkpoint)."""
 
 import copy
 from types import SimpleNamespace
@@ -8,6 +9,7 @@ import pytest
 import torch
 from composer.core import Event, Timestamp
 from composer.loggers import InMemoryLogger
+from torch.utils.data import DataLoader, TensorDataset
 
 import algos
 from algos import FFF, FFFReplace
@@ -99,6 +101,37 @@ def test_resume_with_the_training_aids_is_bit_exact(composer_model_factory, trai
     straight.fit()
     resumed = make_trainer(composer_model_factory(), train_dataloader, tmp_path / "resumed", [algorithm()],
                            load_path=str(tmp_path / "checkpoints" / "ep0-ba2-rank0.pt"))
+    resumed.fit()
+    assert_same(final_state(resumed), final_state(straight))
+
+
+def dense_fff_in_mid_training():
+    return FFFReplace(depth=2, init="dense", calibration_batches=1, apply_at="1ba")
+
+
+def test_passed_again_to_a_model_it_converted_it_is_a_clean_no_op(tmp_path):
+    """Issue 14: the second FFFReplace used to read the converted encoder layer as a dense block and fail at fit
+    with "'DenseMLP' object has no attribute 'in_features'"."""
+    model, batch = classifier_and_batch("encoder_layer")
+    make_trainer(model, fixed_batches(batch), tmp_path, [dense_fff_in_mid_training()], max_duration="2ba").fit()
+    modules = [(name, type(module)) for name, module in model.named_modules()]
+    again = dense_fff_in_mid_training()
+    make_trainer(model, fixed_batches(batch), tmp_path / "again", [again], max_duration="2ba").fit()
+    (report,) = again.reports
+    assert report.replaced == [] and len(report.skipped) == 4  # linear1 and linear2 of both layers
+    assert {skip.reason for skip in report.skipped} == {"already converted by FFFReplace"}
+    assert [(name, type(module)) for name, module in model.named_modules()] == modules
+
+
+def test_resume_with_dense_fff_in_mid_training_passed_again_is_bit_exact(tmp_path):
+    """Issue 14's reproduction: encoder layers converted at batch 1 with init="dense", resumed at batch 2 from the
+    original model with FFFReplace passed again."""
+    model, batch = classifier_and_batch("encoder_layer")
+    loader = DataLoader(TensorDataset(*batch), batch_size=4)
+    straight = make_trainer(model, loader, tmp_path, [dense_fff_in_mid_training()])
+    straight.fit()
+    resumed = make_trainer(classifier_and_batch("encoder_layer")[0], loader, tmp_path / "resumed",
+                           [dense_fff_in_mid_training()], load_path=str(tmp_path / "checkpoints" / "ep0-ba2-rank0.pt"))
     resumed.fit()
     assert_same(final_state(resumed), final_state(straight))
 
