@@ -21,6 +21,12 @@ except ImportError:  # pragma: no cover - the nlp extra is not installed
     HFConv1D = None
 
 DENSE_CLASSES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d) + ((HFConv1D,) if HFConv1D else ())
+CONV_CLASSES = (nn.Conv1d, nn.Conv2d)  # the rest of DENSE_CLASSES are linear layers
+
+
+def dense_classes(linears: bool = True, convs: bool = True) -> tuple[type[nn.Module], ...]:
+    """The candidate classes: Linear and HF Conv1D if ``linears``, Conv1d and Conv2d if ``convs``."""
+    return tuple(cls for cls in DENSE_CLASSES if (convs if cls in CONV_CLASSES else linears))
 
 
 class FactorizedLinear(nn.Module):

@@ -73,6 +73,14 @@ def round_rank(rank: int, multiple: int, limit: int) -> int:
     return min(math.ceil(rank / multiple) * multiple, limit)
 
 
+def latent_rank(latent: int | float, size_in: int, size_out: int) -> int:
+    """Composer's ``latent_features`` / ``latent_channels``: an int is the rank; a float in (0, 1) is a fraction of
+    min(in, out) features (channels, for a convolution: not C_in k_h k_w), rounded down, at least 1."""
+    if isinstance(latent, float):
+        return max(1, int(latent * min(size_in, size_out)))  # r = max(1, floor(f min(in, out)))
+    return latent
+
+
 def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     """Smallest r with sum_{i<=r} s_i^2 >= energy * sum_i s_i^2."""
     squares = singular_values.double().square()

@@ -194,6 +194,13 @@ def test_optimizer_swaps_old_parameters_for_new_ones_with_fresh_state():
         ({"init": "pca"}, "init='pca' is not one of 'svd', 'activation', 'random'"),
         ({"init": "activation"}, "init='activation' needs calibration="),
         ({"rank_multiple": 0}, "rank_multiple=0 must be an int >= 1"),
+        ({"rank": 64, "latent_features": 128}, "rank=64 and Composer's latent_features=128 both set the ranks"),
+        ({"energy": 0.9, "latent_channels": 0.25}, "energy=0.9 and Composer's latent_channels=0.25 both set"),
+        ({"latent_features": 0}, r"latent_features=0 must be an int >= 1 \(the rank\) or a float in \(0, 1\)"),
+        ({"latent_channels": 1.0}, r"latent_channels=1.0 must be an int >= 1"),
+        ({"latent_features": True}, r"latent_features=True must be an int >= 1"),
+        ({"factorize_convs": False, "factorize_linears": False}, "leave no layer to factorize"),
+        ({"factorize_linears": "yes"}, "factorize_linears='yes' must be True or False"),
     ],
 )
 def test_bad_arguments_are_one_line_errors_and_leave_the_model_alone(kwargs, message):
@@ -217,12 +224,59 @@ def test_calibration_of_the_wrong_width_names_the_module():
 
 def test_nothing_to_factorize_warns_or_raises_when_strict():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
-    with pytest.warns(NoEffectWarning, match="all 1 selected modules were skipped .*below min_features 256"):
+    too_small = r"all 1 candidates skipped, e\.g\. 0: min\(in, out\) = 8 below min_features 256"
+    with pytest.warns(NoEffectWarning, match=too_small):
         apply_factorization(model)
-    with pytest.raises(ValueError, match="all 1 selected modules were skipped"):
+    with pytest.raises(ValueError, match=too_small):
         apply_factorization(model, strict=True)
+    # a rule that needs the spectrum (energy) skips at conversion instead
+    with pytest.warns(NoEffectWarning, match="all 1 selected modules were skipped .*break-even"):
+        apply_factorization(nn.Sequential(linear_with_spectrum(FLAT)), energy=0.99, min_features=1)
     with pytest.warns(NoEffectWarning, match="no Linear/Conv1d/Conv2d/Conv1D module selected"):
         apply_factorization(nn.Sequential(nn.ReLU()))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         apply_factorization(nn.Sequential(nn.Linear(64, 64)), min_features=1)
+
+
+def assert_unchanged(model, before):
+    """Same module types and bit-identical tensors (NaN included) as the ``before`` copy."""
+    assert [type(m) for m in model.modules()] == [type(m) for m in before.modules()]
+    for (name, value), expected in zip(model.state_dict().items(), before.state_dict().values(), strict=True):
+        assert torch.equal(value.nan_to_num(), expected.nan_to_num()), name
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_is_a_one_line_error_naming_the_module(bad):
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[2].weight[3, 5] = bad
+    before = copy.deepcopy(model)
+    for init in ("svd", "activation"):
+        with pytest.raises(ValueError, match=r"^Factorize: the weight of '2' is not finite \(NaN or inf\)") as error:
+            apply_factorization(model, rank=8, min_features=1, init=init, calibration=[torch.randn(4, 64)])
+        assert "\n" not in str(error.value)
+        assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_calibration_inputs_are_a_one_line_error_naming_the_module(bad):
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    before = copy.deepcopy(model)
+    batch = torch.randn(8, 64)
+    batch[2, 7] = bad
+    with pytest.raises(ValueError, match=r"^Factorize: the calibration inputs of '0' are not finite \(NaN or inf\)") \
+            as error:
+        apply_factorization(model, rank=8, min_features=1, init="activation", calibration=[torch.randn(8, 64), batch])
+    assert "\n" not in str(error.value)
+    assert_unchanged(model, before)
+
+
+def test_all_zero_calibration_inputs_fall_back_to_the_plain_svd():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64))
+    plain = copy.deepcopy(model)
+    report = apply_factorization(model, rank=8, min_features=1, init="activation", calibration=[torch.zeros(4, 64)])
+    assert report.replaced[0].notes["init"] == "svd (its calibration inputs were all zero)"
+    apply_factorization(plain, rank=8, min_features=1)
+    assert torch.equal(model[0].first.weight, plain[0].first.weight)

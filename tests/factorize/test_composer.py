@@ -1,4 +1,7 @@
-"""Factorize inside a Composer Trainer: INIT, FIT_START calibration from the dataloader, a later time, DDP refusal."""
+"""Factorize inside a Composer Trainer: INIT, FIT_START calibration from the dataloader, a later time, DDP refusal,
+resume."""
+
+import copy
 
 import pytest
 import torch
@@ -6,8 +9,8 @@ from composer.core import Algorithm, Event
 from composer.utils import dist
 
 import algos
-from algos import Factorize, FactorizedLinear
-from tests.surgery.test_composer import make_trainer
+from algos import Factorize, FactorizedLinear, apply_factorization
+from tests.surgery.test_composer import assert_same, final_state, make_trainer
 
 
 class OptimizerWatch(Algorithm):
@@ -101,3 +104,39 @@ def test_repr_round_trips():
     algorithm = Factorize(rank=64, init="activation", apply_at="1ep", target_modules=["query", "value"])
     assert repr(algorithm) == "Factorize(rank=64, init='activation', apply_at='1ep', target_modules=['query', 'value'])"
     assert repr(eval(repr(algorithm), vars(algos))) == repr(algorithm)
+
+
+@pytest.mark.parametrize("pass_again", [False, True])
+def test_resume_with_composers_names(composer_model_factory, train_dataloader, tmp_path, pass_again):
+    def algorithm():
+        return Factorize(latent_features=8, min_features=1)  # module.0 (16 -> 32) at rank 8; module.3 stays dense
+
+    straight = make_trainer(composer_model_factory(), train_dataloader, tmp_path, [algorithm()])
+    straight.fit()
+    assert straight.state.model.module[0].rank == 8
+    resumed = make_trainer(composer_model_factory(), train_dataloader, tmp_path / "resumed",
+                           [algorithm()] if pass_again else [],
+                           load_path=str(tmp_path / "checkpoints" / "ep0-ba2-rank0.pt"))
+    resumed.fit()
+    assert_same(final_state(resumed), final_state(straight))
+
+
+def test_resume_with_energy_passed_again_keeps_the_checkpoints_ranks(composer_model_factory, train_dataloader,
+                                                                      tmp_path):
+    """``energy=`` ranks come from the weights at INIT. A resumed Trainer is built from a fresh model, whose weights
+    (here: another seed) give other ranks; the checkpoint's surgery must win, or its weights do not fit (before the
+    core's fix in 66df0eb: a size mismatch, rank 5 in the checkpoint against 4 in the model)."""
+    def algorithm():
+        return Factorize(energy=0.5, rank_multiple=1, min_features=1)
+
+    straight = make_trainer(composer_model_factory(0), train_dataloader, tmp_path, [algorithm()])
+    straight.fit()
+    assert straight.state.model.module[0].rank == 5
+    fresh = composer_model_factory(1)
+    report = apply_factorization(copy.deepcopy(fresh.module), energy=0.5, rank_multiple=1, min_features=1)
+    assert report.replaced[0].notes["rank"] == 4  # what the algorithm passed again picks on its own
+    resumed = make_trainer(fresh, train_dataloader, tmp_path / "resumed", [algorithm()],
+                           load_path=str(tmp_path / "checkpoints" / "ep0-ba2-rank0.pt"))
+    assert resumed.state.model.module[0].rank == 5
+    resumed.fit()
+    assert_same(final_state(resumed), final_state(straight))
