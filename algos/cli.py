@@ -14,13 +14,13 @@ COMMANDS = {
 
 
 def parse(command: str, argv: list[str]) -> argparse.Namespace:
-    """YAML files, then ``key=value`` overrides (any order); ``compare`` also takes --out and --overwrite."""
+    """YAML files and ``key=value`` overrides (any order); ``compare`` also takes --out and --overwrite, anywhere."""
     parser = argparse.ArgumentParser(prog=f"algos {command}", description=COMMANDS[command])
     parser.add_argument("items", nargs="*", metavar="FILE.yaml | key=value")
     if command == "compare":
         parser.add_argument("--out", default="runs/compare", help="folder for the runs and the comparison")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder's runs")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options anywhere, also between or after the items
     args.overrides = [item for item in args.items if "=" in item]
     args.paths = [item for item in args.items if "=" not in item]
     return args

@@ -16,7 +16,7 @@ from tabulate import tabulate
 
 from algos.run.config import load_config
 from algos.run.registry import ConfigError
-from algos.run.runner import build, default_name, run
+from algos.run.runner import build, check_run_dir, default_name, run
 
 
 def split_groups(paths: list[str]) -> list[tuple[str, list[str]]]:
@@ -51,8 +51,8 @@ def compare(paths: list[str], overrides: list[str] = (), out: str = "runs/compar
             config = load_config(files, [*overrides, f"run.name={name}", f"run.dir={out_dir / name}",
                                          f"run.overwrite={str(overwrite).lower()}"])
             plan.append((default_name([base]), config))
-    for _, config in plan:  # every config is built and checked before the first run trains
-        build(config, for_training=False)
+    for _, config in plan:  # every config and run directory is checked before the first run trains
+        check_run_dir(build(config, for_training=False))
     summaries = []
     for group, config in plan:
         print(f"\n=== {config.run.name} ===")

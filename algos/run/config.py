@@ -19,7 +19,7 @@ from algos.run.registry import ConfigError
 
 SECTIONS = ("run", "model", "data", "optimizer", "scheduler", "algorithms", "trainer", "loggers", "callbacks")
 # Present in every config, so that overrides such as run.name=... or run.overwrite=true always have a key to set.
-DEFAULTS = {"run": {"name": None, "dir": None, "overwrite": False, "seed": 0, "device": "auto"},
+DEFAULTS = {"run": {"name": None, "dir": None, "overwrite": False, "resume": False, "seed": 0, "device": "auto"},
             "algorithms": {}, "loggers": {}, "callbacks": {}}
 
 
@@ -33,7 +33,9 @@ def load_config(paths: list[str], overrides: list[str] = ()) -> DictConfig:
             raise ConfigError(f"config file {path!r} does not exist")
         try:
             loaded = OmegaConf.load(path)
-        except (OmegaConfBaseException, ValueError) as error:  # yaml errors surface as ValueError subclasses
+        except yaml.MarkedYAMLError as error:  # a syntax error: where, and the parser's one-line problem
+            raise ConfigError(_yaml_syntax_error(path, error)) from None
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError) as error:
             raise ConfigError(f"{path}: not a valid YAML mapping ({str(error).splitlines()[0]})") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: expected a mapping of sections, got a {type(loaded).__name__}")
@@ -56,6 +58,18 @@ def load_config(paths: list[str], overrides: list[str] = ()) -> DictConfig:
             raise ConfigError(f"override {override!r}: {str(error).splitlines()[0]}") from None
     _check_sections(config, "overrides")
     return config
+
+
+def _yaml_syntax_error(path: str, error: yaml.MarkedYAMLError) -> str:
+    """E.g. ``base.yaml:4:8: YAML syntax error: did not find expected ',' or ']' (while parsing a flow sequence at
+    3:10)``."""
+    mark = error.problem_mark or error.context_mark
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+    context = ""
+    if error.context and error.problem:
+        at = f" at {error.context_mark.line + 1}:{error.context_mark.column + 1}" if error.context_mark else ""
+        context = f" ({error.context}{at})"
+    return f"{where}: YAML syntax error: {error.problem or error.context}{context}"
 
 
 def _as_mapping(value: str) -> dict | None:

@@ -8,13 +8,14 @@ documentation, shipped with every Python), ``synthetic``. Needing the network or
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import torch
 from composer.utils import dist
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from algos.run.models import EOS_ID, PAD_ID, TEXT_SPECIAL_TOKENS, InputSpec
+from algos.run.models import EOS_ID, PAD_ID, TEXT_SPECIAL_TOKENS, InputSpec, needs_network
 from algos.run.registry import ConfigError, Registry
 
 DATA = Registry("data")
@@ -136,11 +137,17 @@ def imagenet(*, spec: InputSpec, path: str, batch_size: int = 64, eval_batch_siz
                               f"downloadable; prepare it as an image folder)")
     size = spec.shape[-1]
     normalize = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    train = torchvision.datasets.ImageFolder(Path(path) / "train", T.Compose(
-        [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize]))
-    val = torchvision.datasets.ImageFolder(Path(path) / "val", T.Compose(
-        [T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), normalize]))
-    return _loaders(train, val, batch_size, eval_batch_size, num_workers)
+    transforms = {"train": [T.RandomResizedCrop(size), T.RandomHorizontalFlip()],
+                  "val": [T.Resize(int(size * 256 / 224)), T.CenterCrop(size)]}
+    splits = {}
+    for split, augment in transforms.items():
+        try:
+            splits[split] = torchvision.datasets.ImageFolder(Path(path) / split,
+                                                             T.Compose([*augment, T.ToTensor(), normalize]))
+        except FileNotFoundError:  # no class folder, or class folders without images
+            raise ConfigError(f"data.path={path!r}: {split}/ has no class subfolders with images (expected "
+                              f"{split}/<class>/*.JPEG)") from None
+    return _loaders(splits["train"], splits["val"], batch_size, eval_batch_size, num_workers)
 
 
 # -------------------------------------------------------------------------------------------------------- text
@@ -172,13 +179,37 @@ def word_piece_tokenizer(texts: list[str], vocab_size: int, extra_special_tokens
 def _tokenizer(name: str | None, texts: list[str], spec: InputSpec):
     if name is None:
         return word_piece_tokenizer(texts, spec.vocab_size)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer = hf_tokenizer(name, "data.tokenizer")
     if len(tokenizer) > spec.vocab_size:
         raise ConfigError(f"data.tokenizer={name!r} has {len(tokenizer)} tokens; the model's vocab_size is "
                           f"{spec.vocab_size}")
     return tokenizer
+
+
+def hf_tokenizer(name: str, key: str):
+    """``AutoTokenizer.from_pretrained(name)``; offline and not cached (or no such name): one line naming ``key``."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except OSError as error:
+        raise ConfigError(needs_network(key, name, "tokenizer", error)) from None
+    except ValueError as error:  # a folder without a tokenizer (HF's message goes on to list every model type)
+        reason = textwrap.shorten(str(error).split(". ")[0], 120, placeholder=" ...")
+        raise ConfigError(f"{key}={name!r}: no tokenizer there ({reason})") from None
+
+
+def hf_dataset(key: str, *args, **kwargs):
+    """``datasets.load_dataset(*args, **kwargs)``; offline and not cached (or no such dataset): one line naming
+    ``key``."""
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(*args, **kwargs)
+    except OSError as error:  # offline: ConnectionError; no such dataset: DatasetNotFoundError (both OSErrors)
+        name = "/".join(str(a) for a in args if a)
+        raise ConfigError(f"{key}: could not load the HF dataset {name!r} ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0]}); it needs the network (or the HF datasets cache)") from None
 
 
 def _check_text_spec(spec: InputSpec, task: str | tuple[str, ...], name: str) -> None:
@@ -199,9 +230,7 @@ def _read_texts(files, dataset, dataset_config, text_column, max_documents) -> l
             raise ConfigError(f"data.files: {', '.join(missing)} not found")
         texts = [Path(f).read_text(encoding="utf-8") for f in files]
     elif dataset:
-        from datasets import load_dataset
-
-        texts = list(load_dataset(dataset, dataset_config, split="train")[text_column])
+        texts = list(hf_dataset("data.dataset", dataset, dataset_config, split="train")[text_column])
     else:
         texts = python_docs_corpus()
     return texts[:max_documents] if max_documents else texts
@@ -328,15 +357,14 @@ def glue(*, spec: InputSpec, task: str = "sst2", tokenizer: str = "bert-base-unc
          batch_size: int = 32, eval_batch_size: int = 64) -> tuple[DataLoader, DataLoader]:
     """A GLUE classification task via HF datasets (needs the network, or the HF cache), tokenized with an HF
     tokenizer (the one the pretrained model was trained with)."""
-    from datasets import load_dataset
-    from transformers import AutoTokenizer, DataCollatorWithPadding
+    from transformers import DataCollatorWithPadding
 
     _check_text_spec(spec, "classification", "glue")
     if task not in GLUE_TEXT_KEYS:
         raise ConfigError(f"data.task={task!r}; valid: {', '.join(GLUE_TEXT_KEYS)}")
     first, second = GLUE_TEXT_KEYS[task]
-    tok = AutoTokenizer.from_pretrained(tokenizer)
-    raw = load_dataset("glue", task)
+    tok = hf_tokenizer(tokenizer, "data.tokenizer")
+    raw = hf_dataset("data.task", "glue", task)
 
     def encode(rows):
         return tok(rows[first], rows[second] if second else None, truncation=True, max_length=max_length)

@@ -183,12 +183,21 @@ BERT_CONFIGS = {
 }
 
 
+def needs_network(key: str, name: str, what: str, error: Exception) -> str:
+    """The one-line error for an HF hub name that could not be loaded (offline, not in the HF cache, or unknown)."""
+    return (f"{key}={name!r}: could not load this {what} ({type(error).__name__}: {str(error).splitlines()[0]}); a "
+            f"hub name needs the network (or the HF cache): offline, point {key}=PATH at a local copy")
+
+
 def _bert(head: str, config: str | dict, pretrained: str | None, **extra):
     import transformers
 
     model_class = getattr(transformers, head)
     if pretrained:  # a hub name (needs the network once) or a local directory
-        return model_class.from_pretrained(pretrained, **extra)
+        try:
+            return model_class.from_pretrained(pretrained, **extra)
+        except OSError as error:
+            raise ConfigError(needs_network("model.pretrained", pretrained, "model", error)) from None
     if isinstance(config, str):
         if config not in BERT_CONFIGS:
             raise ConfigError(f"model.config={config!r}; valid: {', '.join(BERT_CONFIGS)} or a mapping of "

@@ -9,6 +9,7 @@ choices), raised before any training starts.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Mapping
 
 
@@ -56,12 +57,16 @@ class Registry:
 
 
 _SIMPLE_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+# Other members of a union that a YAML value is checked against: None, a tensor (never from YAML), a Composer time.
+_KNOWN_MEMBERS = {"None", "NoneType", "Tensor", "Time"}
+TIME_UNITS = "ba, ep, sp, tok, dur, sec, iter"
 
 
 def check_kwargs(function: Callable, kwargs: Mapping, where: str, reserved: tuple[str, ...] = ()) -> None:
     """One-line error for a keyword ``function`` does not take (listing those it does), a required one missing,
-    or a value whose type contradicts a plain ``int`` / ``float`` / ``bool`` / ``str`` annotation (an int passes
-    for a float)."""
+    a value whose type contradicts an annotation made of ``int`` / ``float`` / ``bool`` / ``str`` (an int passes for
+    a float), optionally in a ``Union`` / ``Optional`` with ``Tensor`` or ``Time``, or a string that is not a
+    Composer time where the annotation takes a ``Time`` (``max_duration``, ``save_interval``, ``t_warmup``, ...)."""
     parameters = inspect.signature(function).parameters
     accepted = [name for name, p in parameters.items()
                 if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name not in reserved and name != "self"]
@@ -72,14 +77,62 @@ def check_kwargs(function: Callable, kwargs: Mapping, where: str, reserved: tupl
     if missing:
         raise ConfigError(f"{where}: missing key(s) {', '.join(map(repr, missing))} (no default)")
     for key, value in kwargs.items():
-        annotation = parameters[key].annotation if key in parameters else None
-        expected = _SIMPLE_TYPES.get(annotation if isinstance(annotation, str) else getattr(annotation, "__name__",
-                                                                                              None))
-        if expected is None or value is None:
+        if key not in parameters or value is None:
             continue
-        ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
-        if not ok:
-            raise ConfigError(f"{where}.{key}: expected {expected.__name__}, got {value!r} "
-                              f"({type(value).__name__})")
+        text = _annotation_text(parameters[key].annotation)
+        if isinstance(value, str) and re.search(r"\bTime\b", text):
+            check_time(value, f"{where}.{key}")
+            continue
+        members = _members(text)
+        if not members or not set(members) <= {*_SIMPLE_TYPES, *_KNOWN_MEMBERS}:
+            continue  # not annotated, or with a type not checked here (a class, a Callable, a list ...)
+        if not any(_is(value, _SIMPLE_TYPES[member]) for member in members if member in _SIMPLE_TYPES):
+            names = [m for m in members if m in _SIMPLE_TYPES and not (m == "str" and "Time" in members)]
+            names += [f"a Composer time ({TIME_UNITS})"] if "Time" in members else []
+            raise ConfigError(f"{where}.{key}: expected {' or '.join(names)}, got {value!r} ({type(value).__name__})")
+
+
+def check_time(value: str, key: str) -> None:
+    """A one-line error unless ``value`` parses as Composer parses time strings (``2ep``, ``100ba``, ``0.5dur``)."""
+    from composer.core import Time
+
+    try:
+        Time.from_timestring(value)
+    except (ValueError, TypeError) as error:
+        reason = str(error).splitlines()[0]
+        why = "" if reason.startswith("Invalid time string") else f" ({reason.rstrip('.')})"
+        raise ConfigError(f"{key}={value!r} is not a Composer time{why}: write a number and a unit ({TIME_UNITS}), "
+                          f"e.g. 2ep, 100ba, 0.5dur") from None
+
+
+def _is(value, expected: type) -> bool:
+    if isinstance(value, bool):
+        return expected is bool
+    return isinstance(value, expected) or (expected is float and isinstance(value, int))
+
+
+def _annotation_text(annotation) -> str:
+    """``typing.Optional[typing.Union[int, str, composer.core.time.Time]]`` or a class or a string annotation ->
+    ``Optional[Union[int,str,Time]]``."""
+    text = annotation if isinstance(annotation, str) else annotation.__name__ if isinstance(annotation, type) \
+        else repr(annotation)
+    return re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", text).replace(" ", "")
+
+
+def _members(text: str) -> list[str] | None:
+    """``Optional[Union[int,str,Time]]`` -> ``['int', 'str', 'Time', 'None']``; ``int|None`` -> ``['int', 'None']``;
+    ``int`` -> ``['int']``; None for anything else (``list[str]``, ``Callable[...]``)."""
+    match = re.fullmatch(r"(Optional|Union)\[(.*)\]", text)
+    inner, separator = (match[2], ",") if match else (text, "|")
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(inner + separator):
+        depth += (char == "[") - (char == "]")
+        if char == separator and depth == 0:
+            parts.append(inner[start:index])
+            start = index + 1
+    if not match and len(parts) == 1:
+        return [text] if re.fullmatch(r"\w+", text) else None
+    members = [_members(part) for part in parts]
+    if None in members:
+        return None
+    return [name for part in members for name in part] + (["None"] if match and match[1] == "Optional" else [])

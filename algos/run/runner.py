@@ -1,18 +1,24 @@
 """A merged config -> a Composer Trainer -> a run directory with the resolved config, checkpoints, logs, the surgery
 reports and a summary (``algos run``); the same build without training prints the surgery reports (``algos inspect``).
 
-Everything a config names is built and checked (registries, algorithm targets, the run directory) before any
-training starts, and an existing run directory is never written into unless ``run.overwrite=true``.
+Everything a config names is built and checked (registries, algorithm targets, Composer time strings, the run
+directory) before anything is written. A run directory holds the marker file ``.algos-run``; ``run.overwrite=true``
+replaces only such a directory, and only once the new Trainer is built (a failed start puts the old run back).
+``run.resume=true`` continues the run in ``run.dir`` from its latest checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import resource
 import shutil
+import sys
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +26,7 @@ import torch
 from composer import Trainer
 from composer.core import Callback, DataSpec, State
 from composer.loggers import Logger
-from composer.utils import dist, reproducibility
+from composer.utils import dist, format_name_with_dist, reproducibility
 from omegaconf import DictConfig, OmegaConf
 from tabulate import tabulate
 
@@ -28,12 +34,13 @@ from algos.run.components import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCH
 from algos.run.data import DATA
 from algos.run.models import GENERATIVE_TASKS, MODELS, PAD_ID, token_counter
 from algos.run.registry import ConfigError, check_kwargs
-from algos.surgery import SurgeryAlgorithm, SurgeryReport
+from algos.surgery import SurgeryAlgorithm
 from algos.surgery.report import call_model
 
 RUN_KEYS = {"name": "run name (default: the YAML file names joined by '+')",
             "dir": "run directory (default: runs/<name>)",
-            "overwrite": "replace an existing run directory (default: false)",
+            "overwrite": "replace an existing run directory made by algos run (default: false)",
+            "resume": "continue the run in run.dir from its latest checkpoint (default: false)",
             "seed": "random seed for model init, data order and training (default: 0)",
             "device": "cpu, gpu or auto (default: auto)",
             "generate_tokens": "generative models: new tokens per timed generate call after training, for the "
@@ -41,6 +48,8 @@ RUN_KEYS = {"name": "run name (default: the YAML file names joined by '+')",
 # Trainer arguments the runner fills in from the other sections.
 RUNNER_OWNS = ("model", "train_dataloader", "eval_dataloader", "optimizers", "schedulers", "algorithms", "loggers",
                "callbacks", "run_name", "seed", "device", "save_folder", "save_overwrite")
+# Written into every run directory algos run creates: run.overwrite=true replaces no directory without it.
+MARKER = ".algos-run"
 
 
 @dataclass
@@ -58,6 +67,7 @@ class Built:
     trainer_kwargs: dict = field(default_factory=dict)
     plans: dict = field(default_factory=dict)  # algorithm config key -> names of the modules it will rewrite
     generate_tokens: int = 32
+    resume: bool = False
 
 
 def _section(config: dict, key: str) -> dict:
@@ -92,6 +102,10 @@ def build(config: DictConfig, *, for_training: bool = True) -> Built:
     device = run.get("device", "auto")
     if device not in ("cpu", "gpu", "auto"):
         raise ConfigError(f"run.device={device!r}; valid: cpu, gpu, auto")
+    overwrite, resume = (_flag(run, key) for key in ("overwrite", "resume"))
+    if overwrite and resume:
+        raise ConfigError("run.overwrite and run.resume are alternatives: overwrite replaces run.dir with a new run, "
+                          "resume continues the run in it")
     reproducibility.seed_all(seed)
 
     model_name, model_kwargs = _named(plain, "model")
@@ -118,9 +132,15 @@ def build(config: DictConfig, *, for_training: bool = True) -> Built:
     if owned:
         raise ConfigError(f"trainer: {', '.join(owned)} set by the runner from the other sections (run, model, "
                           f"data, optimizer, scheduler, algorithms, loggers, callbacks)")
-    check_kwargs(Trainer.__init__, trainer, "trainer", reserved=RUNNER_OWNS)
-    built = Built(name, run_dir, bool(run.get("overwrite", False)), model, train, evaluation, algorithms,
-                  algorithm_keys=list(_section(plain, "algorithms")), plans=plans)
+    if "autoresume" in trainer:
+        raise ConfigError("trainer.autoresume: the runner resumes with run.resume=true (Composer's autoresume from "
+                          "run.dir's latest checkpoint); remove trainer.autoresume")
+    check_kwargs(Trainer.__init__, trainer, "trainer", reserved=RUNNER_OWNS)  # with the time strings
+    load_path = trainer.get("load_path")
+    if load_path and "://" not in load_path and not Path(load_path).is_file():
+        raise ConfigError(f"trainer.load_path={load_path!r}: no such checkpoint file")
+    built = Built(name, run_dir, overwrite, model, train, evaluation, algorithms,
+                  algorithm_keys=list(_section(plain, "algorithms")), plans=plans, resume=resume)
     generate_tokens = run.get("generate_tokens", 32)
     if isinstance(generate_tokens, bool) or not isinstance(generate_tokens, int) or generate_tokens < 0:
         raise ConfigError(f"run.generate_tokens={generate_tokens!r}; expected an int >= 0")
@@ -138,6 +158,13 @@ def build(config: DictConfig, *, for_training: bool = True) -> Built:
             CALLBACKS.build(key, kwargs or {}, f"callbacks.{key}") for key, kwargs in
             _section(plain, "callbacks").items()]
     return built
+
+
+def _flag(run: dict, key: str) -> bool:
+    value = run.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"run.{key}={value!r}; expected true or false")
+    return value
 
 
 def _plan(algorithm: SurgeryAlgorithm, model: torch.nn.Module, key: str, model_name: str) -> list[str]:
@@ -172,6 +199,7 @@ class RunStats(Callback):
         self.evals: list[tuple[int, dict[str, float]]] = []
         self._started = 0.0
         self._counts = (0, 0)
+        self._restored_reports: list[list[tuple[str, dict]]] = [[] for _ in self.surgeries]
 
     def batch_start(self, state: State, logger: Logger) -> None:
         final = all(a.applied for a in self.surgeries)
@@ -197,49 +225,178 @@ class RunStats(Callback):
         metrics = {name: float(metric.compute()) for name, metric in state.eval_metrics.get("eval", {}).items()}
         self.evals.append((int(state.timestamp.batch), metrics))
 
+    def reports(self) -> list[list[tuple[str, dict]]]:
+        """Each surgery algorithm's reports as (table, dict): this process's, or else those restored from the
+        checkpoint (a surgery made before the run was interrupted and resumed)."""
+        return [[(str(r), r.to_dict()) for r in algorithm.reports] or self._restored_reports[index]
+                for index, algorithm in enumerate(self.surgeries)]
 
-def prepare_run_dir(built: Built) -> None:
-    """Refuse an existing, non-empty run directory unless overwrite was asked for (then empty it)."""
+    # In every checkpoint, so that the summary of a resumed run covers the whole run.
+    _SAVED = ("batch_seconds", "samples", "tokens", "losses", "evals")
+
+    def state_dict(self) -> dict:
+        return {**{key: getattr(self, key) for key in self._SAVED}, "reports": self.reports()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in self._SAVED:
+            setattr(self, key, state.get(key, getattr(self, key)))
+        if len(state.get("reports", ())) == len(self.surgeries):
+            self._restored_reports = state["reports"]
+
+
+def latest_checkpoint(built: Built) -> Path:
+    """Where Composer keeps (a link to) the run's latest checkpoint of rank 0, which ``run.resume=true`` loads."""
+    name = built.trainer_kwargs.get("save_latest_filename") or "latest-rank{rank}.pt"
+    return built.run_dir / "checkpoints" / format_name_with_dist(name, built.name)
+
+
+def check_run_dir(built: Built) -> None:
+    """Refuse, before anything is written, a run.dir this run may not use: a new run needs it missing or empty (or
+    run.overwrite=true, which replaces only a directory holding MARKER, never one holding the checkpoint to load);
+    run.resume=true needs its latest checkpoint."""
+    run_dir = built.run_dir
+    where = f"run.dir {str(run_dir)!r}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{where} is a file, not a directory")
+    if built.resume:
+        checkpoint = latest_checkpoint(built)
+        if not run_dir.is_dir():
+            raise ConfigError(f"run.resume=true: {where} does not exist; nothing to resume")
+        if not checkpoint.exists():
+            raise ConfigError(f"run.resume=true: no checkpoint to resume from ({str(checkpoint)!r} does not exist; "
+                              f"a run saves one every trainer.save_interval)")
+        return
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    if not built.overwrite:
+        raise ConfigError(f"{where} already exists; set run.overwrite=true to replace it or run.resume=true to "
+                          f"continue it, or pick another run.name / run.dir")
+    if not (run_dir / MARKER).is_file():
+        raise ConfigError(f"{where} was not made by algos run (it has no {MARKER} file), so run.overwrite=true will "
+                          f"not delete it; pick another run.name / run.dir")
+    load_path = built.trainer_kwargs.get("load_path")
+    if load_path and "://" not in load_path and Path(load_path).resolve().is_relative_to(run_dir.resolve()):
+        raise ConfigError(f"trainer.load_path={load_path!r} is inside {where}, which run.overwrite=true would "
+                          f"replace; to continue that run use run.resume=true instead")
+
+
+@contextlib.contextmanager
+def run_directory(built: Built) -> Iterator[None]:
+    """Make run.dir ready for the block (creating it with MARKER, or moving the run it replaces aside); if the block
+    raises, remove what this call created and put the replaced run back. Only rank 0 touches the disk."""
     run_dir = built.run_dir
     if dist.get_global_rank() != 0:
+        yield
         return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not built.overwrite:
-            raise ConfigError(f"run.dir {str(run_dir)!r} already exists; set run.overwrite=true to replace it, or "
-                              f"pick another run.name / run.dir")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def run(config: DictConfig, *, quiet: bool = False, show_config: bool = False) -> dict:
-    """Train the configured run; returns (and writes to ``<run dir>/summary.json``) the summary. ``show_config``
-    prints the resolved config first."""
-    built = build(config)
-    prepare_run_dir(built)
-    stats = RunStats(built.algorithms)
-    kwargs = dict(built.trainer_kwargs)
-    kwargs["callbacks"] = [*kwargs["callbacks"], stats]
-    kwargs.setdefault("save_folder", str(built.run_dir / "checkpoints"))
-    kwargs["save_overwrite"] = built.overwrite
-    if dist.get_global_rank() == 0:
-        OmegaConf.save(config, built.run_dir / "config.yaml", resolve=True)
-        if show_config:
-            print(OmegaConf.to_yaml(config, resolve=True))
-        if not quiet:
-            print(f"run {built.name!r} -> {built.run_dir}/ (resolved config in config.yaml)")
+    aside = None
+    if built.overwrite and run_dir.is_dir() and any(run_dir.iterdir()):  # check_run_dir: made by algos run
+        aside = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.replaced-", dir=run_dir.parent))
+        run_dir.rename(aside / run_dir.name)
+    created = _topmost_missing(run_dir)
+    before = set() if created else set(run_dir.rglob("*"))
     try:
-        trainer = Trainer(**kwargs)
-    except (ValueError, TypeError) as error:  # Composer's checks of trainer keys, surgery at INIT: one line
-        if dist.get_global_rank() == 0:
-            shutil.rmtree(built.run_dir, ignore_errors=True)  # nothing left behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not built.resume:
+            (run_dir / MARKER).write_text(f"{built.name}\n")
+        yield
+    except BaseException:
+        if created:
+            shutil.rmtree(created, ignore_errors=True)
+        else:
+            _remove_new(run_dir, before)
+        if aside:
+            (aside / run_dir.name).rename(run_dir)
+            aside.rmdir()
+        raise
+    if aside:
+        shutil.rmtree(aside)
+
+
+def _topmost_missing(path: Path) -> Path | None:
+    missing = None
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
+
+
+def _remove_new(folder: Path, before: set[Path]) -> None:
+    """Delete what is in ``folder`` now but was not ``before``."""
+    new = set(folder.rglob("*")) - before
+    for path in sorted(new):
+        if path.parent in new:
+            continue  # went with its folder
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+class ClosingTrainer(Trainer):
+    """Composer's Trainer, closed at once when its construction fails part-way. Otherwise what Event.INIT started
+    stays open until the garbage collector reaches the half-built Trainer: its wandb run stays the process's current
+    run (the next ``wandb.init`` returns it instead of starting one), and its late close finishes whichever wandb run
+    is current by then."""
+
+    def __init__(self, **kwargs):
+        try:
+            super().__init__(**kwargs)
+        except BaseException:
+            if hasattr(self, "engine"):
+                with contextlib.suppress(Exception):
+                    self.close()
+            raise
+
+
+def build_trainer(built: Built, kwargs: dict) -> Trainer:
+    """The Trainer; Composer's own checks (and surgery at INIT) that fail become one-line ConfigErrors, and a resumed
+    run with nothing left to train is refused."""
+    try:
+        trainer = ClosingTrainer(**kwargs)
+    except (ValueError, TypeError) as error:
         message = str(error).splitlines()[0]
         where = next((f"algorithms.{key}" for key, algorithm in zip(built.algorithm_keys, built.algorithms, strict=True)
                       if message.startswith(f"{type(algorithm).__name__}:")), "trainer")
         raise ConfigError(f"{where}: {message}") from None
-    trainer.fit()
+    state = trainer.state
+    end = state.max_duration
+    if built.resume and end is not None and state.timestamp.get(end.unit) >= end:
+        trainer.close()
+        raise ConfigError(f"run.resume=true: {built.name!r} has already trained for its max_duration "
+                          f"({end.value}{end.unit.value}); set a longer trainer.max_duration to train on")
+    return trainer
+
+
+def run(config: DictConfig, *, quiet: bool = False, show_config: bool = False) -> dict:
+    """Train the configured run (or, ``run.resume=true``, continue it); returns (and writes to
+    ``<run dir>/summary.json``) the summary. ``show_config`` prints the resolved config first."""
+    built = build(config)
+    rank_zero = dist.get_global_rank() == 0
+    if rank_zero:
+        check_run_dir(built)
+    stats = RunStats(built.algorithms)
+    kwargs = {**built.trainer_kwargs, "callbacks": [*built.trainer_kwargs["callbacks"], stats],
+              "save_folder": str(built.run_dir / "checkpoints"), "save_overwrite": built.overwrite,
+              "autoresume": built.resume}
+    if rank_zero and show_config:
+        print(OmegaConf.to_yaml(config, resolve=True))
+    if rank_zero and not quiet:
+        what = f"resuming {built.name!r} from {latest_checkpoint(built)}" if built.resume else f"run {built.name!r}"
+        print(f"{what} -> {built.run_dir}/ (resolved config in config.yaml)")
+    with run_directory(built):  # undone if the Trainer cannot be built
+        trainer = build_trainer(built, kwargs)
+        if rank_zero:
+            OmegaConf.save(config, built.run_dir / "config.yaml", resolve=True)
+    try:
+        trainer.fit()
+    except BaseException:  # Ctrl-C (SystemExit from Composer's signal handler), an error: the checkpoints stay
+        trainer.close()
+        if rank_zero and not quiet:
+            print(f"\nrun {built.name!r} stopped at batch {int(trainer.state.timestamp.batch)}; to continue it from "
+                  f"its latest checkpoint, run the same command with run.resume=true", file=sys.stderr)
+        raise
     summary = summarize(built, trainer, stats)
     trainer.close()  # loggers finish writing (the wandb run directory) before anyone reads them
-    if dist.get_global_rank() == 0:
+    if rank_zero:
         (built.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         (built.run_dir / "surgery_report.txt").write_text("\n\n".join(summary["surgery_tables"]) + "\n")
         if not quiet:
@@ -249,7 +406,7 @@ def run(config: DictConfig, *, quiet: bool = False, show_config: bool = False) -
 
 def summarize(built: Built, trainer: Trainer, stats: RunStats) -> dict:
     model = trainer.state.model
-    reports: list[SurgeryReport] = [r for a in built.algorithms if isinstance(a, SurgeryAlgorithm) for r in a.reports]
+    reports = [report for per_algorithm in stats.reports() for report in per_algorithm]
     checkpoint = built.run_dir / "checkpoints" / "latest-rank0.pt"
     if torch.cuda.is_available() and str(trainer.state.device.name) == "gpu":
         peak, peak_kind = torch.cuda.max_memory_allocated(), "peak GPU memory allocated"
@@ -271,8 +428,8 @@ def summarize(built: Built, trainer: Trainer, stats: RunStats) -> dict:
         "batches": int(trainer.state.timestamp.batch),
         "samples": int(trainer.state.timestamp.sample),  # over all processes
         "world_size": dist.get_world_size(),
-        "surgery": [report.to_dict() for report in reports],
-        "surgery_tables": [str(report) for report in reports],
+        "surgery": [as_dict for _, as_dict in reports],
+        "surgery_tables": [table for table, _ in reports],
         "history": {"train_loss": stats.losses, "eval": stats.evals},
     }
 

@@ -73,3 +73,17 @@ def test_registry_errors_list_the_choices():
         models.build("needs", {"size": -1}, "model", spec="S")
     with pytest.raises(ValueError, match="already registered"):
         models.register("mlp", mlp)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  name: mlp\n  width: [1, 2\ntrainer:\n  x: 1\n",
+     r"bad.yaml:4:8: YAML syntax error: did not find expected ',' or ']' \(while parsing a flow sequence at 3:10\)$"),
+    ("model:\n\tname: mlp\n", r"bad.yaml:2:1: YAML syntax error: found character that cannot start any token"),
+    ("model: name: mlp\n", r"bad.yaml:1:12: YAML syntax error: mapping values are not allowed in this context$"),
+])
+def test_yaml_syntax_errors_are_one_line_with_file_line_and_column(text, message, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=f"^{tmp_path}/{message}") as error:
+        load_config([str(bad)])
+    assert "\n" not in str(error.value)

@@ -191,6 +191,44 @@ def test_component_names_and_errors():
         ALGORITHMS.build("fff", {"depth": -1}, "algorithms.fff")
 
 
+def test_empty_image_folders_and_unreachable_hub_names_are_one_line(tmp_path, monkeypatch):
+    (tmp_path / "train" / "n01440764").mkdir(parents=True)  # a class folder without images
+    (tmp_path / "val").mkdir()
+    with pytest.raises(ConfigError, match=r"^data.path='.*': train/ has no class subfolders with images \(expected "
+                                          r"train/<class>/\*.JPEG\)$"):
+        DATA.build("imagenet", {"path": str(tmp_path)}, "data", spec=InputSpec("image", shape=(3, 224, 224)))
+    spec = InputSpec("tokens", vocab_size=30522, num_classes=2)
+    with pytest.raises(ConfigError, match=r"^data.tokenizer='.*val': no tokenizer there \(.{20,130}\)$"):
+        DATA.build("glue", {"tokenizer": str(tmp_path / "val")}, "data", spec=spec)  # a local folder, no tokenizer
+    # What HF raises offline when the name is not in its cache (transformers: OSError; datasets: ConnectionError).
+    import datasets
+    import transformers
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in "
+                      "the cached files.\nCheck your internet connection or see ...")
+
+    def dataset_offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'glue' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(transformers.BertForSequenceClassification, "from_pretrained", offline)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    monkeypatch.setattr(datasets, "load_dataset", dataset_offline)
+    with pytest.raises(ConfigError, match=r"^model.pretrained='bert-base-uncased': could not load this model "
+                                          r"\(OSError: We couldn't connect to 'https://huggingface.co' .*\); a hub "
+                                          r"name needs the network \(or the HF cache\): offline, point "
+                                          r"model.pretrained=PATH at a local copy$"):
+        MODELS.build("bert_classifier", {"pretrained": "bert-base-uncased"}, "model")
+    with pytest.raises(ConfigError, match=r"^data.tokenizer='bert-base-uncased': could not load this tokenizer .*; "
+                                          r"a hub name needs the network .*point data.tokenizer=PATH at a local copy$"):
+        DATA.build("glue", {}, "data", spec=spec)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: ["a tokenizer"])
+    with pytest.raises(ConfigError, match=r"^data.task: could not load the HF dataset 'glue/sst2' \(ConnectionError: "
+                                          r"Couldn't reach 'glue' on the Hub .*\); it needs the network \(or the HF "
+                                          r"datasets cache\)$"):
+        DATA.build("glue", {}, "data", spec=spec)
+
+
 def test_wandb_logger_is_offline_without_a_key(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -1,0 +1,149 @@
+"""Nothing lost, nothing half-done: a run that cannot start leaves every directory as it was (the finished run it
+was to replace, a folder of user files, an empty folder), ``run.overwrite=true`` replaces only what ``algos run``
+made, and an interrupted run continued with ``run.resume=true`` ends with the weights and losses of an uninterrupted
+one."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import wandb
+
+from algos.run.config import load_config
+from algos.run.registry import ConfigError
+from algos.run.runner import MARKER, RunStats, run
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["model.width=32", "model.hidden=64", "data.batch_size=32", "trainer.progress_bar=false",
+         "trainer.eval_subset_num_batches=1", "trainer.max_duration=2ba", "trainer.eval_interval=2ba",
+         "trainer.save_interval=2ba", "run.name=t"]
+SIX_BATCHES = ["trainer.max_duration=6ba", "trainer.eval_interval=3ba", "trainer.save_interval=1ba"]
+
+
+def config(run_dir, *extra, recipe=None):
+    files = [str(ROOT / "yamls/digits_mlp.yaml"), *([str(ROOT / "recipes" / recipe)] if recipe else [])]
+    return load_config(files, [*SMALL, f"run.dir={run_dir}", *extra])
+
+
+def snapshot(folder: Path) -> dict:
+    """Each path under ``folder`` with its bytes (wandb's own files: only their names; its service may still be
+    writing them after the run finished)."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() and p.relative_to(folder).parts[0] != "wandb"
+            else None for p in sorted(folder.rglob("*"))}
+
+
+def test_a_run_that_cannot_start_leaves_the_finished_run_it_was_to_replace(tmp_path, monkeypatch):
+    run_dir = tmp_path / "keep"
+    run(config(run_dir), quiet=True)  # with the YAML's wandb logger
+    before = snapshot(run_dir)
+    assert (run_dir / MARKER).read_text() == "t\n" and "checkpoints/latest-rank0.pt" in before
+
+    def no_wandb(**kwargs):
+        raise AssertionError("wandb started before the config was checked")
+
+    latest = run_dir / "checkpoints" / "latest-rank0.pt"
+    with monkeypatch.context() as patched:  # the runner's checks: before anything is written or started
+        patched.setattr(wandb, "init", no_wandb)
+        for extra, message in [
+            (["trainer.max_duration=banana"], r"trainer.max_duration='banana' is not a Composer time: write a number "
+                                              r"and a unit \(ba, ep, sp, tok, dur, sec, iter\), e.g. 2ep, 100ba"),
+            ([f"trainer.load_path={latest}"], rf"trainer.load_path='{latest}' is inside run.dir '{run_dir}', which "
+                                              r"run.overwrite=true would replace; to continue that run use "
+                                              r"run.resume=true instead"),
+            (["trainer.autoresume=true"], r"trainer.autoresume: the runner resumes with run.resume=true"),
+        ]:
+            with pytest.raises(ConfigError, match=f"^{message}"):
+                run(config(run_dir, "run.overwrite=true", *extra), quiet=True)
+    assert snapshot(run_dir) == before
+    # Composer's own check, after Event.INIT started a wandb run in the new directory: the old run is put back, and
+    # the wandb run is finished now, not when the garbage collector reaches the half-built Trainer.
+    with pytest.raises(ConfigError, match="^trainer: Wall clock time not an allowed time unit") as error:
+        run(config(run_dir, "run.overwrite=true", "trainer.max_duration=10sec"), quiet=True)
+    assert wandb.run is None and error.value
+    assert snapshot(run_dir) == before and sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+    run(config(run_dir, "run.overwrite=true"), quiet=True)  # replaced, not added to
+    assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1
+    assert {p for p in snapshot(run_dir) if p[:5] != "wandb"} == {p for p in before if p[:5] != "wandb"}
+
+
+def test_overwrite_replaces_only_directories_algos_run_made(tmp_path):
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=rf"^run.dir '{user}' was not made by algos run \(it has no {MARKER} "
+                                          r"file\), so run.overwrite=true will not delete it; pick another run.name / "
+                                          r"run.dir$"):
+        run(config(user, "run.overwrite=true"), quiet=True)
+    assert snapshot(user) == {"notes.txt": b"mine"}
+    with pytest.raises(ConfigError, match=r"^run.dir '.*user' already exists; set run.overwrite=true to replace it or "
+                                          r"run.resume=true to continue it"):
+        run(config(user), quiet=True)
+    # A failed start removes what it created: an empty folder given as run.dir stays, empty; new parents go.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for run_dir in (empty, tmp_path / "new" / "run"):
+        with pytest.raises(ConfigError, match="^trainer: Wall clock time"):
+            run(config(run_dir, "trainer.max_duration=10sec"), quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "user"] and not any(empty.iterdir())
+    with pytest.raises(ConfigError, match="^run.overwrite and run.resume are alternatives"):
+        run(config(empty, "run.overwrite=true", "run.resume=true"), quiet=True)
+
+
+def interrupt_at(batch: int, monkeypatch) -> None:
+    """Ctrl-C as batch ``batch + 1`` starts (checkpoint ``batch`` saved). Composer's signal handler turns the real
+    one into SystemExit; either is a BaseException that the runner lets through after closing the Trainer."""
+    batch_start = RunStats.batch_start
+
+    def interrupted(self, state, logger):
+        if int(state.timestamp.batch) == batch:
+            raise KeyboardInterrupt
+        batch_start(self, state, logger)
+
+    monkeypatch.setattr(RunStats, "batch_start", interrupted)
+
+
+def final_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "latest-rank0.pt", weights_only=False)["state"]["model"]
+
+
+@pytest.mark.parametrize("recipe, extra", [("fff.yaml", []),  # surgery at INIT
+                                           ("factorize.yaml", ["algorithms.factorize.min_features=32"])],  # at 3ba
+                         ids=["fff", "factorize"])
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, recipe, extra):
+    straight = run(config(tmp_path / "straight", *SIX_BATCHES, *extra, recipe=recipe), quiet=True)
+    run_dir = tmp_path / "resumed"
+    with monkeypatch.context() as patched:
+        interrupt_at(4, patched)
+        with pytest.raises(KeyboardInterrupt):
+            run(config(run_dir, *SIX_BATCHES, *extra, recipe=recipe), quiet=True)
+    assert wandb.run is None  # closed on the way out
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        *(f"ep0-ba{b}-rank0.pt" for b in range(1, 5)), "latest-rank0.pt"]
+    assert not (run_dir / "summary.json").exists()
+
+    resumed = run(config(run_dir, *SIX_BATCHES, *extra, "run.resume=true", recipe=recipe), quiet=True)
+    assert resumed["batches"] == 6 and json.loads((run_dir / "summary.json").read_text())["batches"] == 6
+    assert resumed["history"] == straight["history"]  # every batch's train loss and the evals at 3 and 6, bit for bit
+    expected, weights = final_weights(tmp_path / "straight"), final_weights(run_dir)
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+    # the surgery report too, also of a surgery made before the interruption (restored from the checkpoint)
+    assert resumed["surgery"] == straight["surgery"] and resumed["surgery_tables"] == straight["surgery_tables"]
+    assert resumed["surgery"][0]["totals"]["replaced"] > 0
+    assert len(list(run_dir.glob("wandb/offline-run-*"))) == 2  # the interrupted run's and the resumed run's
+
+    before = snapshot(run_dir)
+    with pytest.raises(ConfigError, match=r"^run.resume=true: 't' has already trained for its max_duration \(6ba\); "
+                                          r"set a longer trainer.max_duration to train on$"):
+        run(config(run_dir, *SIX_BATCHES, *extra, "run.resume=true", recipe=recipe), quiet=True)
+    assert snapshot(run_dir) == before  # not even a wandb run added
+
+
+def test_resume_needs_a_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match=r"^run.resume=true: run.dir '.*nothing' does not exist; nothing to resume$"):
+        run(config(tmp_path / "nothing", "run.resume=true"), quiet=True)
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ConfigError, match=r"^run.resume=true: no checkpoint to resume from \('.*nothing/checkpoints/"
+                                          r"latest-rank0.pt' does not exist; a run saves one every "
+                                          r"trainer.save_interval\)$"):
+        run(config(tmp_path / "nothing", "run.resume=true"), quiet=True)
