@@ -97,13 +97,18 @@ def test_fraction_and_int_ranks_round_up_to_the_multiple_and_skip_above_break_ev
     assert ranks(report) == {"0": 31, "1": 31}
 
 
-def test_small_grouped_and_tied_layers_stay_dense_with_reasons():
+def layers_that_stay_dense(**more: nn.Module) -> nn.ModuleDict:
+    """One layer for each data-free rule (small, grouped, thin conv, tied head) and a "big" Linear, plus ``more``."""
     embedding = nn.Embedding(300, 300)
     head = nn.Linear(300, 300, bias=False)
     head.weight = embedding.weight
-    model = nn.ModuleDict({"small": nn.Linear(300, 16), "grouped": nn.Conv2d(300, 300, 3, groups=3),
-                           "thin": nn.Conv2d(16, 300, 3), "embedding": embedding, "head": head,
-                           "big": nn.Linear(300, 300)})
+    return nn.ModuleDict({"small": nn.Linear(300, 16), "grouped": nn.Conv2d(300, 300, 3, groups=3),
+                          "thin": nn.Conv2d(16, 300, 3), "embedding": embedding, "head": head,
+                          "big": nn.Linear(300, 300), **more})
+
+
+def test_small_grouped_and_tied_layers_stay_dense_with_reasons():
+    model = layers_that_stay_dense()
     report = apply_factorization(model, min_features=64, min_channels=64)
     assert [row.fqn for row in report.replaced] == ["big"]
     why = reasons(report)

@@ -15,6 +15,7 @@ from algos.run.config import load_config
 from algos.run.models import MODELS
 from algos.run.registry import ConfigError
 from algos.run.runner import build
+from tests.factorize.test_apply import layers_that_stay_dense
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,12 +41,7 @@ def test_plan_lists_layers_below_min_features_as_skipped():
 
 
 def test_plan_applies_every_data_free_rule():
-    embedding = nn.Embedding(300, 300)
-    head = nn.Linear(300, 300, bias=False)
-    head.weight = embedding.weight
-    model = nn.ModuleDict({"small": nn.Linear(300, 16), "grouped": nn.Conv2d(300, 300, 3, groups=3),
-                           "thin": nn.Conv2d(16, 300, 3), "embedding": embedding, "head": head,
-                           "big": nn.Linear(300, 300), "wide": nn.Linear(300, 600)})
+    model = layers_that_stay_dense(wide=nn.Linear(300, 600))
     # rank 152 >= break-even 300 * 300 / 600 = 150 for "big"; 300 * 600 / 900 = 200 for "wide"
     targets, skipped = Factorize(rank=152, min_features=64, min_channels=64).plan(model)
     assert targets == ["wide"]
