@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from algos import apply_factorization  # noqa: E402
 from algos.bench import loader_accuracy, markdown_table, run_parts, time_forward, train_steps  # noqa: E402
-from algos.surgery.report import count_macs, count_params  # noqa: E402
+from algos.surgery.macs import count_macs  # noqa: E402
+from algos.surgery.report import count_params  # noqa: E402
 
 
 def composer_factorization(model: nn.Module, *, min_width: int, fraction: float, convs: bool, linears: bool):

@@ -35,7 +35,7 @@ from algos.run.data import DATA
 from algos.run.models import GENERATIVE_TASKS, MODELS, PAD_ID, token_counter
 from algos.run.registry import ConfigError, check_kwargs
 from algos.surgery import SurgeryAlgorithm
-from algos.surgery.report import call_model
+from algos.surgery.batches import call_model
 
 RUN_KEYS = {"name": "run name (default: the YAML file names joined by '+')",
             "dir": "run directory (default: runs/<name>)",

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from algos.surgery.report import call_model, eval_mode
+from algos.surgery.batches import call_model, eval_mode
 
 InputCallback = Callable[[str, nn.Module, torch.Tensor], None]
 

@@ -14,7 +14,8 @@ from composer.algorithms.warnings import NoEffectWarning
 from composer.utils.module_surgery import replace_module_classes
 from torch import nn
 
-from algos.surgery.report import SurgeryReport, measure_macs_on_first_call
+from algos.surgery.macs import measure_macs_on_first_call
+from algos.surgery.report import SurgeryReport
 from algos.surgery.targets import (
     SURGERY_MARKER,
     FilterFn,

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from algos.surgery import apply_surgery
-from algos.surgery.report import count_macs
+from algos.surgery.macs import count_macs
 
 
 class Net(nn.Module):
