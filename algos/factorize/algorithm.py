@@ -38,8 +38,9 @@ from algos.factorize.lowrank import (
 )
 from algos.surgery.algorithm import SurgeryAlgorithm
 from algos.surgery.calibration import CalibrationError, run_calibration
-from algos.surgery.replace import SkipModule, apply_surgery
+from algos.surgery.replace import SkipModule
 from algos.surgery.report import SurgeryReport
+from algos.surgery.surgery import apply_surgery
 
 INITS = ("svd", "activation", "random")
 DEFAULT_RANK = 0.25

@@ -20,8 +20,8 @@ from algos.fff.init import init_from_dense, relative_error
 from algos.fff.tree import ACTIVATIONS, FFF, activation_name, check_tree_arguments, fff_param_count
 from algos.surgery.algorithm import SurgeryAlgorithm, parse_time, time_reached
 from algos.surgery.calibration import CalibrationError, run_calibration
-from algos.surgery.replace import apply_surgery
 from algos.surgery.report import SurgeryReport
+from algos.surgery.surgery import apply_surgery
 from algos.surgery.targets import converted_by, name_matches
 
 INITS = ("scratch", "dense")

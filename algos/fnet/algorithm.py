@@ -9,8 +9,9 @@ from torch import nn
 from algos.fnet.adapters import FourierBertAttention, FourierSelfAttention, FourierSeqAttention
 from algos.fnet.mixing import FourierMixing, check_mixing_arguments
 from algos.surgery.algorithm import SurgeryAlgorithm
-from algos.surgery.replace import SkipModule, apply_surgery
+from algos.surgery.replace import SkipModule
 from algos.surgery.report import SurgeryReport
+from algos.surgery.surgery import apply_surgery
 
 
 def _hf_classes(names: tuple[tuple[str, str], ...]) -> tuple[type[nn.Module], ...]:

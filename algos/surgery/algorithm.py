@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
-from abc import abstractmethod
+from typing import ClassVar
 
 from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
-from algos.surgery.replace import _Planned, planning_only
+from algos.surgery.config import Selection
+from algos.surgery.errors import SurgeryError
 from algos.surgery.report import SurgeryReport
 from algos.surgery.skeleton import meta_copy
-from algos.surgery.targets import FilterFn, ModuleNames
+from algos.surgery.surgery import Surgery, plan_surgery, run_surgery, settings_signature, split_settings
 
 log = logging.getLogger(__name__)
 
@@ -23,44 +25,34 @@ RECORD_KEY = "algos_surgery_record"
 
 
 class SurgeryAlgorithm(Algorithm):
-    """Rewrites modules of ``state.model`` once, by default at ``Event.INIT``: before checkpoint loading, DDP
-    wrapping and compiling, with the optimizer already built (it is kept consistent).
+    """A ``Surgery`` as a Composer algorithm: rewrites ``state.model`` once, by default at ``Event.INIT`` (before
+    checkpoint loading, DDP wrapping and compiling, with the optimizer already built and kept consistent).
+
+    A subclass names its ``surgery_class``; its constructor then takes the config's settings, the ``Selection``'s
+    and ``apply_at`` as keyword arguments (the class's signature, ``repr`` and the YAML key check come from them).
 
     ``apply_at`` (a Composer time such as ``"2ep"``, ``"500ba"``, ``"0.5dur"``) moves the surgery to the first
     batch or epoch end at or after that time, on the model trained so far; the optimizer keeps the state of the
-    parameters that stay and starts fresh for the new ones. An algorithm that needs calibration batches (its
+    parameters that stay and starts fresh for the new ones. A surgery that needs calibration batches (its config's
     ``calibration_needed`` is > 0) draws them from the train dataloader, which Composer sets after INIT, so it runs
     at ``Event.FIT_START`` at the earliest. Surgery after INIT would rewrite a DDP-wrapped model, so it is
     refused at construction when more than one process runs.
-
-    A subclass implements :meth:`surgery` (usually one call to ``apply_surgery`` with its converter) and keeps each
-    ``__init__`` argument in an attribute of the same name, from which ``repr`` is built; it sets those attributes
-    before calling ``super().__init__``, which reads ``calibration_needed``.
 
     The checkpoint entry records what was put where (weightless copies), so a run resumes from it in a Trainer built
     from the original model with no algorithm passed: see ``algos.surgery.resume``.
     """
 
-    def __init__(
-        self,
-        *,
-        apply_at: str | Time | None = None,
-        target_modules: ModuleNames = None,
-        exclude_modules: ModuleNames = None,
-        filter_fn: FilterFn | None = None,
-        strict: bool = False,
-    ):
+    surgery_class: ClassVar[type[Surgery]]
+
+    def __init__(self, *, apply_at: str | Time | None = None, **settings):
+        self.selection, self.config = split_settings(self.surgery_class.config_class, dict(settings))
         self.apply_at = apply_at
-        self.target_modules = target_modules
-        self.exclude_modules = exclude_modules
-        self.filter_fn = filter_fn
-        self.strict = strict
         self._apply_at_time = parse_time(apply_at, self.name, "apply_at")
         if (self._apply_at_time is not None or self.calibration_needed) and dist.get_world_size() > 1:
             when = f"apply_at={apply_at!r}" if apply_at is not None else "calibration from the train dataloader"
-            raise ValueError(f"{self.name}: {when} rewrites the model after DDP wraps it, which is not supported "
-                             f"with {dist.get_world_size()} processes; apply it at INIT (apply_at=None) without "
-                             f"calibration, or run in one process.")
+            raise SurgeryError(self.name, f"{when} rewrites the model after DDP wraps it, which is not supported "
+                                          f"with {dist.get_world_size()} processes; apply it at INIT (apply_at=None) "
+                                          f"without calibration, or run in one process.")
         self.reports: list[SurgeryReport] = []
         self._record: list[tuple[str, nn.Module]] = []
         # At INIT, weightless copies of the modules the surgery replaced: if a checkpoint then loads whose recorded
@@ -68,6 +60,20 @@ class SurgeryAlgorithm(Algorithm):
         self._originals: list[tuple[str, nn.Module]] = []
         self._unlogged: list[SurgeryReport] = []
         self._done = False
+
+    def __init_subclass__(cls, **kwargs):
+        """The constructor's signature, from the subclass's own keyword arguments (if it adds any), its config's
+        fields, the selection's and ``apply_at``: what ``help()``, IDEs and the YAML runner's key check read."""
+        super().__init_subclass__(**kwargs)
+        if not hasattr(cls, "surgery_class") or ("surgery_class" not in vars(cls) and "__init__" not in vars(cls)):
+            return
+        own = [p for name, p in inspect.signature(cls.__init__).parameters.items()
+               if name != "self" and p.kind is p.KEYWORD_ONLY and name != "apply_at"]
+        settings = inspect.signature(settings_signature(lambda model: None, cls.surgery_class.config_class,
+                                                        doc="")).parameters.values()
+        apply_at = inspect.Parameter("apply_at", inspect.Parameter.KEYWORD_ONLY, default=None)
+        params = own + [p for p in settings if p.name != "model"] + [apply_at]
+        cls.__signature__ = inspect.Signature(params)
 
     @property
     def name(self) -> str:
@@ -81,22 +87,18 @@ class SurgeryAlgorithm(Algorithm):
     @property
     def calibration_needed(self) -> int:
         """How many train batches :meth:`surgery` wants as calibration (0: none)."""
-        return 0
+        return self.config.calibration_needed
 
-    @abstractmethod
     def surgery(self, model: nn.Module, optimizers=None, calibration=None) -> SurgeryReport:
         """Rewrite ``model`` in place, keep ``optimizers`` consistent, return the report. ``calibration`` is an
-        iterable of batches for the model (drawn lazily from the train dataloader) when the subclass asked for it."""
+        iterable of batches for the model (drawn lazily from the train dataloader) when the config asks for it."""
+        return run_surgery(self.surgery_class(model, self.config, self.selection), optimizers=optimizers,
+                           calibration=calibration)
 
     def plan(self, model: nn.Module) -> tuple[list[str], list]:
         """What :meth:`surgery` would select in ``model`` now, without calibrating or changing anything:
-        ``(names of the targets, skipped candidates)``. Argument errors surface here as they would in surgery."""
-        with planning_only():
-            try:
-                self.surgery(model, calibration=iter(()))
-            except _Planned as planned:
-                return planned.targets, planned.skipped
-        raise RuntimeError(f"{self.name}.surgery did not go through apply_surgery; cannot plan it")
+        ``(names of the targets, skipped candidates)``. Errors a model would raise surface here too."""
+        return plan_surgery(self.surgery_class(model, self.config, self.selection))
 
     def match(self, event: Event, state: State) -> bool:
         return self._due(event, state) or (event == Event.BATCH_END and bool(self._unlogged))
@@ -148,16 +150,28 @@ class SurgeryAlgorithm(Algorithm):
     def __repr__(self) -> str:
         """``Name(arg=value, ...)`` with the arguments that differ from their defaults; eval-able in ``algos``'s
         namespace unless an argument is a function (``filter_fn``), which shows as its qualified name."""
-        arguments = []
-        for name, parameter in inspect.signature(type(self).__init__).parameters.items():
-            if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-                continue
-            value = getattr(self, name)
-            if value is parameter.default or (_comparable(value) and value == parameter.default):
-                continue
-            shown = f"{value.__module__}.{value.__qualname__}" if callable(value) else repr(value)
-            arguments.append(f"{name}={shown}")
+        shown = {**self._own_arguments(), **self.config.changed(), **self.selection_changed()}
+        if self.apply_at is not None:
+            shown["apply_at"] = self.apply_at
+        arguments = [f"{name}={value.__module__}.{value.__qualname__}" if inspect.isroutine(value)
+                     else f"{name}={value!r}" for name, value in shown.items()]
         return f"{self.name}({', '.join(arguments)})"
+
+    def selection_changed(self) -> dict:
+        return {key: value for key, value in dataclasses.asdict(self.selection).items()
+                if value != getattr(Selection(), key)}
+
+    def _own_arguments(self) -> dict:
+        """A subclass's own keyword arguments (not settings) that differ from their defaults, kept as attributes."""
+        if "__init__" not in vars(type(self)) or type(self).__init__ is SurgeryAlgorithm.__init__:
+            return {}
+        shown = {}
+        for name, parameter in inspect.signature(type(self).__init__).parameters.items():
+            if parameter.kind is parameter.KEYWORD_ONLY and name != "apply_at":
+                value = getattr(self, name)
+                if not (value is parameter.default or (_comparable(value) and value == parameter.default)):
+                    shown[name] = value
+        return shown
 
 
 def parse_time(value, name: str, argument: str) -> Time | None:
@@ -167,8 +181,8 @@ def parse_time(value, name: str, argument: str) -> Time | None:
     try:
         return Time.from_input(value)
     except (ValueError, TypeError):
-        raise ValueError(f"{name}: {argument}={value!r} is not a Composer time; use None or a string such as "
-                         f"'2ep', '500ba', '0.5dur'.") from None
+        raise SurgeryError(name, f"{argument}={value!r} is not a Composer time; use None or a string such as "
+                                 f"'2ep', '500ba', '0.5dur'.") from None
 
 
 def time_reached(state: State, when: Time) -> bool:

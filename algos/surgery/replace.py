@@ -1,35 +1,24 @@
-"""Swap modules in place and keep the optimizer consistent: the one code path every algorithm (and resume) uses."""
+"""Swap modules in place and keep the optimizer consistent: the one code path every algorithm (and resume) uses.
+A converter's answer is a module, ``(module, notes)``, a ``Rewrite`` (several modules), or ``SkipModule(reason)``."""
 
 from __future__ import annotations
 
 import itertools
-import warnings
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
-from composer.algorithms.warnings import NoEffectWarning
 from composer.utils.module_surgery import replace_module_classes
 from torch import nn
 
-from algos.surgery.macs import measure_macs_on_first_call
-from algos.surgery.report import SurgeryReport
-from algos.surgery.targets import (
-    SURGERY_MARKER,
-    FilterFn,
-    ModuleNames,
-    Skip,
-    SkipFn,
-    any_already_converted,
-    select_targets,
-)
 
-# A converter turns one selected module into its replacement, optionally with notes for the report
-# (e.g. {"rank": 64}), or into a Rewrite when the change spans several modules. It raises SkipModule to leave the
-# module alone with a reason.
-Converter = Callable[[nn.Module, str], "nn.Module | tuple[nn.Module, dict] | Rewrite"]
+@runtime_checkable
+class InstallsIntoParent(Protocol):
+    """A new module that must also adjust its parent once swapped in (say, turn off a fused fast path that would
+    read weights no longer there); ``replace_modules`` calls it after every swap, resume replays included."""
+
+    def on_install(self, parent: nn.Module) -> None: ...
 
 
 @dataclass
@@ -41,8 +30,7 @@ class Rewrite:
     output). The report shows one row at ``at``, counting ``counted_as`` (a module that computes what every replaced
     module did, from the input ``module`` receives; default: the module at ``at``) as the "before".
 
-    A new module that must also adjust its parent (say, turn off a fused fast path that would read weights no longer
-    there) defines ``on_install(parent)``; ``replace_modules`` calls it after every swap, resume replays included.
+    A new module that must also adjust its parent implements ``InstallsIntoParent``.
     """
 
     module: nn.Module
@@ -54,99 +42,6 @@ class Rewrite:
 
 class SkipModule(Exception):
     """Raised by a converter to leave a module unchanged; the message becomes the report's reason."""
-
-
-class _Planned(Exception):
-    """Stops ``apply_surgery`` right after target selection while ``planning_only`` is active."""
-
-    def __init__(self, targets: list[str], skipped: list[Skip]):
-        self.targets, self.skipped = targets, skipped
-
-
-_planning: ContextVar[bool] = ContextVar("planning", default=False)
-
-
-@contextmanager
-def planning_only():
-    """Inside this block ``apply_surgery`` only selects: it raises ``_Planned`` with the targets' names and the
-    skipped candidates, before calibrating, converting or changing anything. See ``SurgeryAlgorithm.plan``."""
-    token = _planning.set(True)
-    try:
-        yield
-    finally:
-        _planning.reset(token)
-
-
-def apply_surgery(
-    model: nn.Module,
-    convert: Converter,
-    *,
-    algorithm: str,
-    classes: tuple[type[nn.Module], ...],
-    target_modules: ModuleNames = None,
-    exclude_modules: ModuleNames = None,
-    filter_fn: FilterFn | None = None,
-    optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
-    strict: bool = False,
-    example_inputs=None,
-    prepare: Callable[[list[tuple[str, nn.Module]]], None] | None = None,
-    candidate_fn: FilterFn | None = None,
-    skip_fn: SkipFn | None = None,
-) -> SurgeryReport:
-    """Select targets, convert each, swap them in, update ``optimizers``; return the report.
-
-    ``skip_fn(module, fqn) -> reason | None`` holds the algorithm's rules that need no data (size, tied weights):
-    they run at selection, so a dry run (``SurgeryAlgorithm.plan``) applies them too.
-
-    ``prepare(targets)``, when given, runs once with every ``(fqn, module)`` target before any conversion: the place
-    for work that needs all targets at once (calibration passes, a budget shared across layers).
-    Converters run first for every target (so a converter error leaves the model untouched), then all swaps happen.
-    With ``example_inputs`` (a batch the model can be called with) the model runs once after surgery to fill in the
-    report's MACs per sample; otherwise MACs are filled in on the model's next forward pass.
-    """
-    targets, skipped = select_targets(
-        model,
-        classes,
-        algorithm=algorithm,
-        target_modules=target_modules,
-        exclude_modules=exclude_modules,
-        filter_fn=filter_fn,
-        strict=strict,
-        candidate_fn=candidate_fn,
-        skip_fn=skip_fn,
-    )
-    if _planning.get():
-        raise _Planned([fqn for fqn, _ in targets], list(skipped))
-    report = SurgeryReport(algorithm, skipped=list(skipped))
-    if prepare is not None and targets:
-        prepare(targets)
-    replacements: dict[str, nn.Module] = {}
-    for fqn, module in targets:
-        try:
-            converted = convert(module, fqn)
-        except SkipModule as why:
-            report.skipped.append(Skip(fqn, type(module).__name__, str(why)))
-            continue
-        if not isinstance(converted, Rewrite):
-            converted = Rewrite(*converted) if isinstance(converted, tuple) else Rewrite(converted)
-        at = converted.at or fqn
-        for new_module in (converted.module, *converted.companions.values()):
-            setattr(new_module, SURGERY_MARKER, algorithm)
-        replacements[at] = converted.module
-        replacements.update(converted.companions)
-        counted_as = converted.counted_as or (module if at == fqn else model.get_submodule(at))
-        report.add(at, counted_as, converted.module, converted.notes, companions=list(converted.companions),
-                   old_type=type(module).__name__)
-    if targets and not replacements and not any_already_converted(skipped):
-        message = (f"{algorithm}: all {len(targets)} selected modules were skipped "
-                   f"(e.g. {report.skipped[-1].fqn}: {report.skipped[-1].reason})")
-        if strict:
-            raise ValueError(message + ".")
-        warnings.warn(NoEffectWarning(message + "; the model is unchanged."), stacklevel=2)
-
-    replace_modules(model, replacements, optimizers)
-    measure_macs_on_first_call(report, example_inputs=example_inputs, model=model)
-    return report
 
 
 def replace_modules(
@@ -181,7 +76,7 @@ def replace_modules(
     try:
         replace_module_classes(model, policies=policy, optimizers=optimizers or None)
         for fqn, new_module in replacements.items():
-            if hasattr(new_module, "on_install"):
+            if isinstance(new_module, InstallsIntoParent):
                 new_module.on_install(model.get_submodule(fqn.rpartition(".")[0]))
         new_parameters = {p for new in old_to_new.values() for p in new.parameters()}
         for optimizer in optimizers:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from composer.algorithms.warnings import NoEffectWarning
 from torch import nn
 
+from algos.surgery.errors import SurgeryError
+
 ModuleNames = Sequence[str] | str | None
 FilterFn = Callable[[nn.Module, str], bool]
 SkipFn = Callable[[nn.Module, str], "str | None"]
@@ -44,11 +46,12 @@ class Skip:
     fqn: str
     module_type: str
     reason: str
+    converted: bool = False  # the same algorithm already rewrote it: a repeat, not a no-op
 
 
 def any_already_converted(skipped: list[Skip]) -> bool:
     """True if a skip says an earlier application of the same algorithm is in place (a repeat, not a no-op)."""
-    return any(skip.reason.startswith("already converted by ") for skip in skipped)
+    return any(skip.converted for skip in skipped)
 
 
 def name_matches(fqn: str, names: ModuleNames) -> bool:
@@ -60,7 +63,7 @@ def name_matches(fqn: str, names: ModuleNames) -> bool:
     return any(fqn == key or fqn.endswith("." + key.lstrip(".")) for key in names)
 
 
-def _check_names_argument(value: ModuleNames, argument: str) -> None:
+def check_names_argument(value: ModuleNames, argument: str) -> None:
     if value is None:
         return
     if isinstance(value, str):
@@ -71,6 +74,14 @@ def _check_names_argument(value: ModuleNames, argument: str) -> None:
         return
     if not isinstance(value, Sequence) or not all(isinstance(item, str) for item in value):
         raise TypeError(f"{argument} must be a list of module names, a regex string, or None; got {value!r}.")
+
+
+def check_selection(target_modules: ModuleNames, exclude_modules: ModuleNames, filter_fn: FilterFn | None) -> None:
+    """One-line errors for malformed selection arguments."""
+    check_names_argument(target_modules, "target_modules")
+    check_names_argument(exclude_modules, "exclude_modules")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be a callable (module, fqn) -> bool; got {filter_fn!r}.")
 
 
 def converted_by(module: nn.Module) -> str | None:
@@ -100,10 +111,7 @@ def select_targets(
     With no target at all (and nothing already converted), warn with Composer's ``NoEffectWarning``, or raise
     ``ValueError`` when ``strict=True``, naming why candidates were skipped or listing some module names.
     """
-    _check_names_argument(target_modules, "target_modules")
-    _check_names_argument(exclude_modules, "exclude_modules")
-    if filter_fn is not None and not callable(filter_fn):
-        raise TypeError(f"filter_fn must be a callable (module, fqn) -> bool; got {filter_fn!r}.")
+    check_selection(target_modules, exclude_modules, filter_fn)
 
     targets: list[tuple[str, nn.Module]] = []
     skipped: list[Skip] = []
@@ -118,7 +126,7 @@ def select_targets(
         if marker is not None:
             do_not_descend.append(fqn)
             if marker == algorithm:
-                skipped.append(Skip(fqn, type(module).__name__, f"already converted by {algorithm}"))
+                skipped.append(Skip(fqn, type(module).__name__, f"already converted by {algorithm}", converted=True))
             continue
         if fqn == "" or not isinstance(module, classes) or (candidate_fn is not None and not candidate_fn(module, fqn)):
             continue
@@ -142,7 +150,8 @@ def select_targets(
         else:
             message += ")"
         if strict:
-            raise ValueError(f"{message}." if skipped else f"{message}; candidates: {_describe_candidates(model)}.")
+            detail = "" if skipped else f"; candidates: {_describe_candidates(model)}"
+            raise SurgeryError(algorithm, f"{message.removeprefix(algorithm + ': ')}{detail}.")
         warnings.warn(NoEffectWarning(f"{message}; the model is unchanged."), stacklevel=3)
     return targets, skipped
 

@@ -1,6 +1,7 @@
 """The core inside a real Composer Trainer: surgery at INIT, logging, and bit-exact checkpoint resume."""
 
 import contextlib
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 import algos
 from algos import Factorize, FFFReplace, SwapLinear
-from algos.surgery import SurgeryAlgorithm, apply_surgery
+from algos.surgery import Surgery, SurgeryAlgorithm, SurgeryConfig
 from algos.surgery.example import SwappedLinear
 
 
@@ -25,12 +26,22 @@ class Wrapped(nn.Module):
         return self.inner(x)
 
 
+@dataclass(frozen=True)
+class WrapConfig(SurgeryConfig):
+    algorithm = "WrapLinear"
+
+
+class WrapSurgery(Surgery):
+    config_class, classes = WrapConfig, (nn.Linear,)
+
+    def convert(self, module, fqn):
+        return Wrapped(module)
+
+
 class WrapLinear(SurgeryAlgorithm):
     """A third-party algorithm on the core whose checkpoints cannot load into the original architecture."""
 
-    def surgery(self, model, optimizers=None, calibration=None):
-        return apply_surgery(model, lambda m, fqn: Wrapped(m), algorithm=self.name, classes=(nn.Linear,),
-                             optimizers=optimizers, target_modules=self.target_modules)
+    surgery_class = WrapSurgery
 
 
 def make_trainer(model, dataloader, tmp_path, algorithms=(), load_path=None, logger=None, max_duration="4ba",
