@@ -34,7 +34,7 @@ from algos.run.components import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCH
 from algos.run.data import DATA
 from algos.run.models import GENERATIVE_TASKS, MODELS, PAD_ID, token_counter
 from algos.run.registry import ConfigError, check_kwargs
-from algos.surgery import SurgeryAlgorithm
+from algos.surgery import SurgeryAlgorithm, SurgeryError
 from algos.surgery.batches import call_model
 
 RUN_KEYS = {"name": "run name (default: the YAML file names joined by '+')",
@@ -173,7 +173,7 @@ def _plan(algorithm: SurgeryAlgorithm, model: torch.nn.Module, key: str, model_n
         warnings.simplefilter("ignore")  # the no-target warning: we raise instead
         try:
             targets, skipped = algorithm.plan(model)
-        except ValueError as error:
+        except SurgeryError as error:
             raise ConfigError(f"algorithms.{key}: {str(error).splitlines()[0]}") from None
     if not targets:
         why = f"; skipped: {skipped[0].fqn} ({skipped[0].reason})" if skipped else ""
@@ -347,16 +347,28 @@ class ClosingTrainer(Trainer):
             raise
 
 
+def _raised_by_composer(error: BaseException) -> bool:
+    """Did Composer itself raise ``error`` (its checks of Trainer arguments), rather than code it called?"""
+    traceback = error.__traceback__
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback.tb_frame.f_globals.get("__name__", "").startswith("composer.")
+
+
 def build_trainer(built: Built, kwargs: dict) -> Trainer:
-    """The Trainer; Composer's own checks (and surgery at INIT) that fail become one-line ConfigErrors, and a resumed
-    run with nothing left to train is refused."""
+    """The Trainer; a surgery's ``SurgeryError`` at INIT and Composer's own argument checks become one-line
+    ConfigErrors naming the key, and a resumed run with nothing left to train is refused. Any other exception (a
+    bug, in a converter or anywhere) keeps its traceback."""
     try:
         trainer = ClosingTrainer(**kwargs)
-    except (ValueError, TypeError) as error:
-        message = str(error).splitlines()[0]
+    except SurgeryError as error:
         where = next((f"algorithms.{key}" for key, algorithm in zip(built.algorithm_keys, built.algorithms, strict=True)
-                      if message.startswith(f"{type(algorithm).__name__}:")), "trainer")
-        raise ConfigError(f"{where}: {message}") from None
+                      if getattr(algorithm, "name", None) == error.algorithm), "algorithms")
+        raise ConfigError(f"{where}: {str(error).splitlines()[0]}") from None
+    except (ValueError, TypeError) as error:
+        if not _raised_by_composer(error):
+            raise
+        raise ConfigError(f"trainer: {str(error).splitlines()[0]}") from None
     state = trainer.state
     end = state.max_duration
     if built.resume and end is not None and state.timestamp.get(end.unit) >= end:

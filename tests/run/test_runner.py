@@ -233,3 +233,23 @@ def test_two_process_ddp_run_through_composers_launcher(tmp_path):
     assert summary["samples"] == 2 * 3 * 64  # each process trained its own batches of 64
     assert summary["surgery"][0]["totals"]["replaced"] == 2 and summary["samples_per_s"] > 0
     assert (run_dir / "checkpoints" / "ep0-ba3-rank0.pt").exists() and (run_dir / "config.yaml").exists()
+
+
+def test_a_bug_inside_a_surgery_keeps_its_traceback_and_a_surgery_error_is_one_line(tmp_path, monkeypatch):
+    from algos.surgery import SurgeryError
+    from algos.surgery.example import SwapLinearSurgery
+
+    def buggy(self, module, fqn):
+        raise TypeError("a bug in a converter")
+
+    config = smoke_config(["digits_mlp.yaml"], tmp_path, "algorithms={swap_linear: {}}")
+    monkeypatch.setattr(SwapLinearSurgery, "convert", buggy)
+    with pytest.raises(TypeError, match="a bug in a converter"):  # not turned into a config error
+        run(config, quiet=True)
+
+    def refusing(self, module, fqn):
+        raise SurgeryError("SwapLinear", f"{fqn!r} cannot be swapped")
+
+    monkeypatch.setattr(SwapLinearSurgery, "convert", refusing)
+    with pytest.raises(ConfigError, match=r"^algorithms.swap_linear: SwapLinear: '.*' cannot be swapped$"):
+        run(config, quiet=True)
