@@ -17,6 +17,11 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from functools import partial
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -59,7 +64,7 @@ class FourierBertAttention(nn.Module):
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, past_key_value=None, output_attentions=False, **kwargs):
         keep = None
-        if self.mixing.padding == "mask" or self.mixing.causal:
+        if self.mixing.fixed_length:
             keep = keep_mask(attention_mask, hidden_states.shape[1], causal=self.mixing.causal)
         out = self.LayerNorm(hidden_states + self.dropout(self.mixing(hidden_states, keep)))
         outputs = (out,) + ((None,) if output_attentions else ())
@@ -91,7 +96,7 @@ class FourierSelfAttention(nn.Module):
         if unbatched:
             x = x.unsqueeze(0)
         keep = None
-        if (self.mixing.padding == "mask" or self.mixing.causal) and key_padding_mask is not None:
+        if self.mixing.fixed_length and key_padding_mask is not None:
             keep = keep_mask(key_padding_mask.reshape(x.shape[0], -1), x.shape[1], bool_true_means_pad=True)
         out = self.mixing(x, keep)
         out = out.squeeze(0) if unbatched else out
@@ -104,28 +109,56 @@ def _same_tensor(other: torch.Tensor | None, query: torch.Tensor) -> bool:
         other.shape == query.shape and other.stride() == query.stride() and other.data_ptr() == query.data_ptr())
 
 
-# How each HF family's attention is called (the keyword carrying the mask) and what its layer unpacks.
-HF_FAMILIES = ("t5", "bart", "gpt2")
+class CallConvention(ABC):
+    """How one HF family's layer calls its self-attention module (the keyword carrying the mask) and the tuple it
+    unpacks from the answer. ``name`` is for messages only."""
+
+    name: ClassVar[str]
+    mask_keyword: ClassVar[str] = "attention_mask"
+
+    @abstractmethod
+    def outputs(self, out: torch.Tensor, cache, kwargs: dict) -> tuple:
+        """The module's answer, given the mixed ``out``, the call's cache and its keyword arguments."""
+
+
+class T5Convention(CallConvention):
+    name, mask_keyword = "t5", "mask"
+
+    def outputs(self, out, cache, kwargs):
+        """(out, cache, position_bias[, None]): the first layer's relative position bias (if any) is passed on."""
+        return (out, cache, kwargs.get("position_bias")) + ((None,) if kwargs.get("output_attentions") else ())
+
+
+class BartConvention(CallConvention):
+    name = "bart"
+
+    def outputs(self, out, cache, kwargs):
+        return out, None, cache
+
+
+class GPT2Convention(CallConvention):
+    name = "gpt2"
+
+    def outputs(self, out, cache, kwargs):
+        return out, None
 
 
 class FourierSeqAttention(nn.Module):
-    """Replaces an HF T5 / BART / GPT-2 attention module used as self-attention: out = mix(x), in the family's tuple
-    (T5: (out, cache, position_bias[, None]); BART: (out, None, cache); GPT-2: (out, None))."""
+    """Replaces an HF T5 / BART / GPT-2 attention module used as self-attention: out = mix(x), in the tuple the
+    family's layer unpacks (its ``CallConvention``)."""
 
-    def __init__(self, mixing: FourierMixing, family: str, layer_idx: int | None):
+    def __init__(self, mixing: FourierMixing, convention: CallConvention, layer_idx: int | None):
         super().__init__()
-        if family not in HF_FAMILIES:
-            raise ValueError(f"FourierSeqAttention: family={family!r} is not one of {HF_FAMILIES}.")
-        self.mixing, self.family, self.layer_idx = mixing, family, layer_idx
+        self.mixing, self.convention, self.layer_idx = mixing, convention, layer_idx
 
     def extra_repr(self) -> str:
-        return f"family={self.family!r}, layer_idx={self.layer_idx}"
+        return f"family={self.convention.name!r}, layer_idx={self.layer_idx}"
 
     def forward(self, hidden_states, *args, **kwargs):
         if any(kwargs.get(name) is not None for name in ("key_value_states", "encoder_hidden_states")):
-            raise ValueError(f"FourierSeqAttention ({self.family}): called as cross-attention; Fourier mixing only "
-                             f"replaces self-attention.")
-        mask = kwargs.get("mask" if self.family == "t5" else "attention_mask")
+            raise ValueError(f"FourierSeqAttention ({self.convention.name}): called as cross-attention; Fourier "
+                             f"mixing only replaces self-attention.")
+        mask = kwargs.get(self.convention.mask_keyword)
         keep = None
         if self.mixing.causal:  # the whole sequence so far: its left padding sets the new tokens' positions
             keep = keep_mask(mask, None, causal=True)
@@ -133,26 +166,21 @@ class FourierSeqAttention(nn.Module):
             keep = keep_mask(mask, hidden_states.shape[1])
         cache = kwargs.get("past_key_value")
         history = self._history(cache) if cache is not None and self.mixing.causal else None
-        out = self.mixing(hidden_states, keep, history=history)
-        if self.family == "t5":  # the first layer's relative position bias (if any) is passed on unchanged
-            return (out, cache, kwargs.get("position_bias")) + ((None,) if kwargs.get("output_attentions") else ())
-        if self.family == "bart":
-            return out, None, cache
-        return out, None
+        return self.convention.outputs(self.mixing(hidden_states, keep, history=history), cache, kwargs)
 
-    def _history(self, cache):
-        """Append z to this layer's slot of an HF DynamicCache (z as keys, empty values) and return all of it."""
+    def _history(self, cache) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The mixing's ``history``: appends z to this layer's slot of an HF DynamicCache (z as keys, empty values)
+        and returns all of it."""
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
         if isinstance(cache, EncoderDecoderCache):
             cache = cache.self_attention_cache
         if not isinstance(cache, DynamicCache) or self.layer_idx is None:
-            raise ValueError(f"FourierSeqAttention ({self.family}): causal mixing caches into a DynamicCache (the "
-                             f"default cache), got {type(cache).__name__}; generate with the default cache or "
-                             f"use_cache=False.")
+            raise ValueError(f"FourierSeqAttention ({self.convention.name}): causal mixing caches into a "
+                             f"DynamicCache (the default cache), got {type(cache).__name__}; generate with the "
+                             f"default cache or use_cache=False.")
+        return partial(self._append_to_cache, cache)
 
-        def history(z: torch.Tensor) -> torch.Tensor:
-            keys, _ = cache.update(z[:, None], z[:, None, :, :0], self.layer_idx)
-            return keys[:, 0]
-
-        return history
+    def _append_to_cache(self, cache, z: torch.Tensor) -> torch.Tensor:
+        keys, _ = cache.update(z[:, None], z[:, None, :, :0], self.layer_idx)
+        return keys[:, 0]

@@ -42,19 +42,20 @@ PADDINGS = ("ignore", "mask")
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
 
 
-def check_mixing_arguments(*, impl: str, causal: bool, norm: str | None, padding: str, max_length: int | None,
-                           who: str = "FNetMixing") -> None:
-    """One-line errors for bad mixing arguments (``norm=None`` means: chosen per target)."""
+def mixing_argument_problem(*, impl: str, causal: bool, norm: str | None, padding: str,
+                            max_length: int | None) -> str | None:
+    """What is wrong with these mixing arguments, in one line, or None (``norm=None`` means: chosen per target)."""
     if impl not in IMPLS:
-        raise ValueError(f"{who}: impl={impl!r} is not one of {', '.join(map(repr, IMPLS))}.")
+        return f"impl={impl!r} is not one of {', '.join(map(repr, IMPLS))}."
     if norm is not None and norm not in NORMS:
-        raise ValueError(f"{who}: norm={norm!r} is not one of {', '.join(map(repr, NORMS))} (or None: per target).")
+        return f"norm={norm!r} is not one of {', '.join(map(repr, NORMS))} (or None: per target)."
     if padding not in PADDINGS:
-        raise ValueError(f"{who}: padding={padding!r} is not one of {', '.join(map(repr, PADDINGS))}.")
+        return f"padding={padding!r} is not one of {', '.join(map(repr, PADDINGS))}."
     if causal and impl != "dft":
-        raise ValueError(f"{who}: causal=True runs on impl='dft' (lower-triangular DFT matrices); got impl={impl!r}.")
+        return f"causal=True runs on impl='dft' (lower-triangular DFT matrices); got impl={impl!r}."
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
-        raise ValueError(f"{who}: max_length={max_length!r} must be an int >= 1.")
+        return f"max_length={max_length!r} must be an int >= 1."
+    return None
 
 
 class FourierMixing(nn.Module):
@@ -64,13 +65,19 @@ class FourierMixing(nn.Module):
     def __init__(self, impl: str = "fft", *, causal: bool = False, norm: str = "backward", padding: str = "ignore",
                  max_length: int | None = None, dropout: float = 0.0):
         super().__init__()
-        check_mixing_arguments(impl=impl, causal=causal, norm=norm, padding=padding, max_length=max_length,
-                               who="FourierMixing")
-        if (causal or padding == "mask") and max_length is None:
-            raise ValueError("FourierMixing: causal=True and padding='mask' mix at a fixed length; pass max_length.")
+        problem = mixing_argument_problem(impl=impl, causal=causal, norm=norm, padding=padding, max_length=max_length)
+        if problem is not None:
+            raise ValueError(f"FourierMixing: {problem}")
         self.impl, self.causal, self.norm, self.padding, self.max_length = impl, causal, norm, padding, max_length
+        if self.fixed_length and max_length is None:
+            raise ValueError("FourierMixing: causal=True and padding='mask' mix at a fixed length; pass max_length.")
         self.dropout = nn.Dropout(dropout)
         self._matrices: dict = {}  # DFT matrices for impl="dft", per size and device; rebuilt on demand, not saved
+
+    @property
+    def fixed_length(self) -> bool:
+        """Mixing at the fixed length ``max_length`` (causal, or ``padding="mask"``), reading the padding mask."""
+        return self.causal or self.padding == "mask"
 
     def extra_repr(self) -> str:
         return (f"impl={self.impl!r}, causal={self.causal}, norm={self.norm!r}, padding={self.padding!r}, "
@@ -87,8 +94,8 @@ class FourierMixing(nn.Module):
         if history is not None and not self.causal:
             raise ValueError("FourierMixing: cached (incremental) mixing needs causal=True.")
         length = x.shape[-2]
-        period = self.max_length if (self.causal or self.padding == "mask") else length
-        masked = keep is not None and (self.causal or self.padding == "mask")
+        period = self.max_length if self.fixed_length else length
+        masked = keep is not None and self.fixed_length
         with _autocast_off(x.device):
             h = x.float()
             if masked:
@@ -127,7 +134,7 @@ class FourierMixing(nn.Module):
         always gets the same row whatever the length; otherwise they are built for N = T. ``positions`` (batch, T):
         the DFT index of each position, per row (causal mixing of a left-padded batch)."""
         total, width = z.shape[-2], z.shape[-1] // 2
-        size = period if (self.causal or self.padding == "mask") else total
+        size = period if self.fixed_length else total
         key = ("sequence", size, width, z.device)
         if key not in self._matrices:
             self._matrices[key] = _sequence_matrices(size, width, self.causal, self.norm, z.device)

@@ -14,6 +14,7 @@ from transformers.models.bert.modeling_bert import BertAttention
 import algos
 from algos import FNetMixing, apply_fnet_mixing
 from algos.fnet import FourierBertAttention, FourierSelfAttention
+from algos.surgery import SurgeryError
 from tests.models import classifier_and_batch, fixed_batches, losses_of, tiny_bert_config, tiny_mlm_and_batch
 from tests.surgery.test_composer import assert_same, final_state, make_trainer
 
@@ -118,8 +119,11 @@ def test_bad_arguments_are_one_line_errors():
                             ({"norm": "forward"}, "norm='forward' is not one of"),
                             ({"causal": True}, "causal=True runs on impl='dft'"),
                             ({"keep_attention_layers": 2}, "keep_attention_layers=2 must be a list")]:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(SurgeryError, match=message) as error:
             FNetMixing(**kwargs)
+        assert error.value.algorithm == "FNetMixing"
+        with pytest.raises(SurgeryError, match=message):
+            apply_fnet_mixing(nn.MultiheadAttention(16, 2), **kwargs)
 
 
 def test_tiny_bert_mlm_trains_in_composer_with_fnet_hybrid(tmp_path):
@@ -167,7 +171,7 @@ def test_resume_is_bit_exact(tmp_path, pass_algorithm_again):
 def test_repr_round_trips():
     algorithm = FNetMixing(impl="dft", causal=True, keep_attention_layers=[-2, -1], max_length=128)
     assert repr(eval(repr(algorithm), vars(algos))) == repr(algorithm)
-    assert copy.deepcopy(algorithm).keep_attention_layers == [-2, -1]
+    assert copy.deepcopy(algorithm).config.keep_attention_layers == [-2, -1]
 
 
 def test_roberta_attention_is_swapped_too():

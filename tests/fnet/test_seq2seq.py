@@ -15,7 +15,7 @@ from transformers import (
 
 from algos import apply_fnet_mixing
 from algos.fnet import FourierMixing, FourierSeqAttention
-from algos.fnet.adapters import keep_mask
+from algos.fnet.adapters import GPT2Convention, keep_mask
 
 
 def tiny_bart(**overrides):
@@ -112,7 +112,7 @@ def test_decoder_mixing_never_looks_ahead():
     # the check can fail: non-causal mixing in a decoder would look ahead
     leaky = tiny_gpt2()
     for block in leaky.transformer.h:
-        block.attn = FourierSeqAttention(FourierMixing("dft", norm="ortho"), "gpt2", block.attn.layer_idx)
+        block.attn = FourierSeqAttention(FourierMixing("dft", norm="ortho"), GPT2Convention(), block.attn.layer_idx)
     assert future_gradient(leaky) > 0
 
 
