@@ -35,6 +35,7 @@ mixture) and is what the fast paths are tested against.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy
 import torch
@@ -60,19 +61,19 @@ def fff_param_count(in_features: int, out_features: int, depth: int, form: str, 
     return nodes * (in_features + 1) + leaves * (leaf_width * (in_features + 1 + out_features) + out_features)
 
 
-def check_tree_arguments(*, depth, form, leaf_width, activation, region_leak, who: str = "FFF") -> None:
-    """One-line errors for bad tree arguments, shared by the module and the algorithm."""
+def check_tree_arguments(*, depth, form, leaf_width, activation, region_leak,
+                         error: Callable[[str], Exception] = lambda message: ValueError(f"FFF: {message}")) -> None:
+    """One-line errors for bad tree arguments, shared by the module and the algorithm (whose ``error`` names it)."""
     if form not in FORMS:
-        raise ValueError(f"{who}: form={form!r} is not one of {', '.join(map(repr, FORMS))}.")
+        raise error(f"form={form!r} is not one of {', '.join(map(repr, FORMS))}.")
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-        raise ValueError(f"{who}: depth={depth!r} must be an int >= 0.")
+        raise error(f"depth={depth!r} must be an int >= 0.")
     if form == "leaf" and (isinstance(leaf_width, bool) or not isinstance(leaf_width, int) or leaf_width <= 0):
-        raise ValueError(f"{who}: leaf_width={leaf_width!r} must be an int >= 1 for form='leaf'.")
+        raise error(f"leaf_width={leaf_width!r} must be an int >= 1 for form='leaf'.")
     if isinstance(activation, str) and activation not in ACTIVATIONS:
-        raise ValueError(f"{who}: activation={activation!r} is not one of {', '.join(map(repr, ACTIVATIONS))} "
-                         f"(or an nn.Module).")
+        raise error(f"activation={activation!r} is not one of {', '.join(map(repr, ACTIVATIONS))} (or an nn.Module).")
     if not (isinstance(region_leak, (int, float)) and 0 <= region_leak < 0.5):
-        raise ValueError(f"{who}: region_leak={region_leak!r} must be in [0, 0.5).")
+        raise error(f"region_leak={region_leak!r} must be in [0, 0.5).")
 
 
 class FFF(nn.Module):

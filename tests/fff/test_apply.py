@@ -1,5 +1,6 @@
 """apply_fff: which blocks are found and how each is rewired, applying twice, dense initialisation, bad input."""
 
+import copy
 import warnings
 
 import pytest
@@ -117,8 +118,9 @@ def test_lone_linear_only_when_named_and_non_mlp_targets_are_refused():
 @pytest.mark.parametrize("form", ["neuron", "leaf"])
 def test_dense_init_reproduces_the_trained_mlp_better_than_scratch(form):
     errors = {}
+    trained, x, y = trained_digits_mlp()
     for init in ("scratch", "dense"):
-        model, x, y = trained_digits_mlp()
+        model = copy.deepcopy(trained)
         report = apply_fff(model, depth=3, form=form, leaf_width=16, init=init, calibration=x)
         errors[init] = rel_errors(report)[0]
         accuracy = (model(x).argmax(1) == y).float().mean()
@@ -149,7 +151,7 @@ def test_dense_init_splits_calibration_tokens_evenly():
 
 
 def test_optimizer_holds_the_new_parameters_and_not_the_old():
-    model, _, _ = trained_digits_mlp()
+    model, _, _ = trained_digits_mlp(steps=1)
     optimizer = torch.optim.Adam(model.parameters())
     old = {id(p) for p in model.parameters()}
     apply_fff(model, depth=2, optimizers=optimizer)

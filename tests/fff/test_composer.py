@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import algos
 from algos import FFF, FFFReplace
+from algos.fff import FFFTraining
 from tests.models import classifier_and_batch, fixed_batches, losses_of, tiny_mlm_and_batch
 from tests.surgery.test_composer import assert_same, final_state, make_trainer
 
@@ -68,6 +69,21 @@ def test_hardening_loss_is_added_after_the_loss_with_its_ramp():
     state = fake_state(model, loss, batch=500)
     algorithm.apply(Event.AFTER_LOSS, state, None)
     assert state.loss is loss
+
+
+def test_training_aids_work_on_their_own_on_trees_built_by_hand():
+    model, entropy = soft_tree_model()
+    aids = FFFTraining(hardening=0.5, hardening_ramp="100ba", log_interval=2)
+    assert aids.find_unused_parameters and repr(aids) == "FFFTraining(hardening=0.5, hardening_ramp='100ba', " \
+                                                         "log_interval=2)"
+    loss = torch.tensor(1.0)
+    state = fake_state(model, loss, batch=50)
+    assert aids.match(Event.AFTER_LOSS, state)
+    aids.apply(Event.AFTER_LOSS, state, None)
+    torch.testing.assert_close(state.loss, loss + 0.25 * entropy)
+    assert not aids.match(Event.AFTER_LOSS, fake_state(torch.nn.Linear(2, 2), loss, batch=50))  # no trees
+    with pytest.raises(ValueError, match=r"^FFFTraining: log_interval=0 must be an int >= 1\.$"):
+        FFFTraining(log_interval=0)
 
 
 def test_hard_training_switch_and_ddp_flag(composer_model_factory, train_dataloader, tmp_path):
@@ -143,4 +159,4 @@ def test_bad_arguments_fail_at_construction_and_repr_round_trips():
         FFFReplace(depth=2, hardening=-1)
     algorithm = FFFReplace(depth=4, form="leaf", leaf_width=16, hardening=0.1, hardening_ramp="0.5dur")
     assert repr(eval(repr(algorithm), vars(algos))) == repr(algorithm)
-    assert copy.deepcopy(algorithm).leaf_width == 16
+    assert copy.deepcopy(algorithm).config.leaf_width == 16
