@@ -88,6 +88,10 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     return min(int((cumulative < energy - 1e-12).sum().item()) + 1, len(singular_values))
 
 
+class BudgetTooSmall(ValueError):
+    """A MAC budget that even the smallest ranks exceed."""
+
+
 @dataclass
 class BudgetLayer:
     d_in: int
@@ -118,8 +122,9 @@ def allocate_mac_budget(layers: list[BudgetLayer], budget: float, multiple: int)
     cost = [full if rank is None else rank * c for rank, c, full in zip(ranks, per_rank, dense, strict=True)]
     allowed = budget * sum(dense)
     if sum(cost) > allowed * (1 + 1e-9):
-        raise ValueError(f"mac_budget={budget} cannot be met: rank {multiple} in every targeted layer already keeps "
-                         f"{sum(cost) / sum(dense):.1%} of their MACs; raise mac_budget or lower rank_multiple.")
+        raise BudgetTooSmall(f"mac_budget={budget} cannot be met: rank {multiple} in every targeted layer already "
+                             f"keeps {sum(cost) / sum(dense):.1%} of their MACs; raise mac_budget or lower "
+                             f"rank_multiple.")
     spare = allowed - sum(cost)
 
     def next_step(index: int):

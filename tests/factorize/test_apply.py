@@ -9,6 +9,7 @@ from torch import nn
 
 from algos import NoEffectWarning, apply_factorization
 from algos.factorize import FactorizedConv2d, FactorizedLinear
+from algos.surgery import SurgeryError
 
 
 def linear_with_spectrum(singular_values, seed=0) -> nn.Linear:
@@ -79,7 +80,7 @@ def test_mac_budget_counts_conv_macs_per_output_position():
 def test_mac_budget_that_cannot_be_met_is_refused():
     model = nn.Sequential(linear_with_spectrum(FLAT))
     before = copy.deepcopy(model)
-    with pytest.raises(ValueError, match=r"mac_budget=0.1 cannot be met: rank 8 .* keeps 25.0%"):
+    with pytest.raises(SurgeryError, match=r"^Factorize: mac_budget=0.1 cannot be met: rank 8 .* keeps 25.0%"):
         apply_factorization(model, mac_budget=0.1, min_features=1)
     assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, before[0].weight)
 
@@ -199,6 +200,9 @@ def test_optimizer_swaps_old_parameters_for_new_ones_with_fresh_state():
         ({"init": "pca"}, "init='pca' is not one of 'svd', 'activation', 'random'"),
         ({"init": "activation"}, "init='activation' needs calibration="),
         ({"rank_multiple": 0}, "rank_multiple=0 must be an int >= 1"),
+        ({"calibration_batches": 0}, "calibration_batches=0 must be an int >= 1"),
+        ({"min_features": -1}, "min_features=-1 must be an int >= 0"),
+        ({"damping": -0.1}, "damping=-0.1 must be a number >= 0"),
         ({"rank": 64, "latent_features": 128}, "rank=64 and Composer's latent_features=128 both set the ranks"),
         ({"energy": 0.9, "latent_channels": 0.25}, "energy=0.9 and Composer's latent_channels=0.25 both set"),
         ({"latent_features": 0}, r"latent_features=0 must be an int >= 1 \(the rank\) or a float in \(0, 1\)"),
@@ -211,9 +215,9 @@ def test_optimizer_swaps_old_parameters_for_new_ones_with_fresh_state():
 def test_bad_arguments_are_one_line_errors_and_leave_the_model_alone(kwargs, message):
     model = nn.Sequential(nn.Linear(64, 64))
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=message) as error:
-        apply_factorization(model, min_features=1, **kwargs)
-    assert "\n" not in str(error.value)
+    with pytest.raises(SurgeryError, match=message) as error:
+        apply_factorization(model, **{"min_features": 1, **kwargs})
+    assert "\n" not in str(error.value) and error.value.algorithm == "Factorize"
     assert type(model[0]) is nn.Linear and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -275,6 +279,15 @@ def test_non_finite_calibration_inputs_are_a_one_line_error_naming_the_module(ba
         apply_factorization(model, rank=8, min_features=1, init="activation", calibration=[torch.randn(8, 64), batch])
     assert "\n" not in str(error.value)
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("settings, expected", [({}, 8), ({"calibration_batches": 3}, 3)])  # 8, as in the Trainer
+def test_calibration_uses_at_most_calibration_batches(settings, expected):
+    model, seen = nn.Sequential(nn.Linear(64, 64)), []
+    model[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    apply_factorization(model, rank=8, min_features=1, init="activation",
+                        calibration=[torch.randn(4, 64) for _ in range(20)], **settings)
+    assert len(seen) == expected and isinstance(model[0], FactorizedLinear)
 
 
 def test_all_zero_calibration_inputs_fall_back_to_the_plain_svd():

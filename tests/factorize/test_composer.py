@@ -10,6 +10,8 @@ from composer.utils import dist
 
 import algos
 from algos import Factorize, FactorizedLinear, apply_factorization
+from algos.factorize import FactorizeConfig
+from algos.surgery import SurgeryError
 from tests.surgery.test_composer import assert_same, final_state, make_trainer
 
 
@@ -96,13 +98,22 @@ def test_refuses_surgery_after_ddp_wrapping_when_multi_process(monkeypatch):
 def test_bad_arguments_fail_at_construction():
     with pytest.raises(ValueError, match="apply_at='2epochs' is not a Composer time"):
         Factorize(apply_at="2epochs")
-    with pytest.raises(ValueError, match=r"energy=2 must be in \(0, 1\]"):
+    with pytest.raises(SurgeryError, match=r"^Factorize: energy=2 must be in \(0, 1\]"):
         Factorize(energy=2)
+
+
+def test_settings_are_the_config_and_calibration_is_asked_for():
+    algorithm = Factorize(rank=8, init="activation", calibration_batches=3, min_features=1)
+    assert algorithm.config == FactorizeConfig(rank=8, init="activation", calibration_batches=3, min_features=1)
+    assert algorithm.calibration_needed == 3 and Factorize(mac_budget=0.5).calibration_needed == 8
+    assert Factorize(rank=8).calibration_needed == 0
+    with pytest.raises(SurgeryError, match="^Factorize: init='activation' needs calibration="):
+        algorithm.surgery(torch.nn.Sequential(torch.nn.Linear(64, 64)))  # called by hand, without batches
 
 
 def test_repr_round_trips():
     algorithm = Factorize(rank=64, init="activation", apply_at="1ep", target_modules=["query", "value"])
-    assert repr(algorithm) == "Factorize(rank=64, init='activation', apply_at='1ep', target_modules=['query', 'value'])"
+    assert repr(algorithm) == "Factorize(rank=64, init='activation', target_modules=['query', 'value'], apply_at='1ep')"
     assert repr(eval(repr(algorithm), vars(algos))) == repr(algorithm)
 
 

@@ -5,14 +5,18 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from algos.factorize.layers import build_factorized, input_rows, weight_matrix
+from algos.factorize.layers import HANDLERS
 from algos.factorize.lowrank import decompose
+
+
+def weight_matrix(dense: nn.Module) -> torch.Tensor:
+    return HANDLERS.find(dense).weight_matrix(dense)
 
 
 def full_rank(dense: nn.Module) -> nn.Module:
     matrix = weight_matrix(dense).detach()
     rank = min(matrix.shape)
-    return build_factorized(dense, rank, decompose(matrix).factors(rank))
+    return HANDLERS.find(dense).build(dense, rank, decompose(matrix).factors(rank))
 
 
 @pytest.mark.parametrize(
@@ -35,7 +39,7 @@ def test_full_rank_factorization_reproduces_the_dense_layer(dense, shape):
     factorized = full_rank(dense)
     torch.testing.assert_close(factorized(x), dense(x), rtol=1e-4, atol=1e-4)
     # the im2col rows used for calibration are what the weight matrix multiplies
-    rows = input_rows(dense, x)
+    rows = HANDLERS.find(dense).input_rows(dense, x)
     if isinstance(dense, (nn.Linear, Conv1D)):
         expected = (dense(x) - (dense.bias if dense.bias is not None else 0)).reshape(-1, weight_matrix(dense).shape[0])
     else:
@@ -46,7 +50,7 @@ def test_full_rank_factorization_reproduces_the_dense_layer(dense, shape):
 
 def test_bias_is_copied_exactly_and_weights_are_not_shared():
     dense = nn.Linear(16, 8)
-    factorized = build_factorized(dense, 4, decompose(dense.weight.detach()).factors(4))
+    factorized = HANDLERS.find(dense).build(dense, 4, decompose(dense.weight.detach()).factors(4))
     assert torch.equal(factorized.second.bias, dense.bias)
     assert factorized.second.bias.data_ptr() != dense.bias.data_ptr()
 
