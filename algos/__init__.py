@@ -7,7 +7,7 @@ core in ``algos.surgery`` (``SwapLinear`` is the core's worked example).
 from composer.algorithms.warnings import NoEffectWarning
 
 from algos.factorize import Factorize, FactorizedConv1d, FactorizedConv2d, FactorizedLinear, apply_factorization
-from algos.fff import FFF, FFFReplace, apply_fff
+from algos.fff import FFF, FFFReplace, FFFTraining, apply_fff
 from algos.fnet import FNetMixing, FourierMixing, apply_fnet_mixing
 from algos.surgery import SkipModule, SurgeryAlgorithm, SurgeryReport, apply_surgery, load_model, select_targets
 from algos.surgery.example import SwapLinear, apply_swap_linear
@@ -17,6 +17,6 @@ __all__ = [
     "SkipModule", "SurgeryAlgorithm", "SurgeryReport", "apply_surgery", "select_targets",
     "SwapLinear", "apply_swap_linear",
     "Factorize", "apply_factorization", "FactorizedLinear", "FactorizedConv1d", "FactorizedConv2d",
-    "FFFReplace", "apply_fff", "FFF",
+    "FFFReplace", "apply_fff", "FFF", "FFFTraining",
     "FNetMixing", "apply_fnet_mixing", "FourierMixing",
 ]

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import copy
 import inspect
-import warnings
 from dataclasses import dataclass
 
 import psutil
 import torch
 import torch.nn.functional as F
-from composer.algorithms.warnings import NoEffectWarning
 from composer.core import Event, State
 from composer.loggers import Logger
 from torch import nn
@@ -23,7 +21,7 @@ from algos.fff.tree import ACTIVATIONS, FFF, activation_name, check_tree_argumen
 from algos.surgery.algorithm import SurgeryAlgorithm
 from algos.surgery.calibration import CalibrationError, run_calibration
 from algos.surgery.config import Selection, SurgeryConfig, setting
-from algos.surgery.errors import SurgeryError
+from algos.surgery.errors import NothingToRewrite
 from algos.surgery.report import SurgeryReport
 from algos.surgery.surgery import Surgery, Targets, settings_signature
 from algos.surgery.targets import converted_by, name_matches
@@ -84,9 +82,9 @@ class FFFConfig(SurgeryConfig):
                                self.mirrored)
 
 
-class ModelIsTheBlock(SurgeryError):
+class ModelIsTheBlock(NothingToRewrite):
     """The model itself is a dense block, and the root module cannot be replaced in place (the message says what to
-    do instead). ``apply_fff`` turns it into a ``NoEffectWarning`` unless ``strict``."""
+    do instead): a ``NoEffectWarning`` unless ``strict``."""
 
 
 class FFFSurgery(Surgery):
@@ -103,17 +101,6 @@ class FFFSurgery(Surgery):
         self.calibrated = False  # calibration was given (so a target it never reached says so)
         self.inputs: dict[str, torch.Tensor] = {}  # calibration rows reaching each target, at most calibration_tokens
         self.generator = torch.Generator().manual_seed(0)  # which rows are kept when more come
-
-    @classmethod
-    def apply(cls, model: nn.Module, *, strict: bool = False, **settings) -> SurgeryReport:
-        """The functional form; for a model that is itself the block, a warning (or with ``strict`` the error)."""
-        try:
-            return super().apply(model, strict=strict, **settings)
-        except ModelIsTheBlock as refusal:
-            if strict:
-                raise
-            warnings.warn(NoEffectWarning(str(refusal)), stacklevel=3)
-            return SurgeryReport(refusal.algorithm)
 
     @property
     def named(self) -> bool:

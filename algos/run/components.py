@@ -17,7 +17,7 @@ import torch
 from composer.core import Algorithm
 from composer.loggers import ConsoleLogger, FileLogger, WandBLogger
 
-from algos import Factorize, FFFReplace, FNetMixing, SwapLinear
+from algos import Factorize, FFFReplace, FFFTraining, FNetMixing, SwapLinear
 from algos.run.registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
@@ -45,6 +45,7 @@ for _name in composer.optim.__all__:
 # Ours first; Composer's own Factorize (which re-initialises the factors) stays reachable as composer_factorize.
 ALGORITHMS.register("factorize", Factorize)
 ALGORITHMS.register("fff", FFFReplace)
+ALGORITHMS.register("fff_training", FFFTraining)  # the trees' training aids alone (FFFReplace includes them)
 ALGORITHMS.register("fnet", FNetMixing)
 ALGORITHMS.register("swap_linear", SwapLinear)
 for _name in composer.algorithms.__all__:

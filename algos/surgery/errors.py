@@ -9,3 +9,9 @@ class SurgeryError(ValueError):
     def __init__(self, algorithm: str, message: str):
         super().__init__(f"{algorithm}: {message}")
         self.algorithm = algorithm
+
+
+class NothingToRewrite(SurgeryError):
+    """Raised by ``Surgery.check_model``: the model holds nothing this surgery can rewrite, for a reason the user
+    should hear (e.g. the model *is* the block, and the root cannot be replaced). The core turns it into Composer's
+    ``NoEffectWarning`` and leaves the model unchanged, or raises it with ``strict=True``."""

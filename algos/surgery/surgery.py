@@ -19,7 +19,8 @@ import torch
 from composer.algorithms.warnings import NoEffectWarning
 from torch import nn
 
-from algos.surgery.config import Selection, SurgeryConfig, SurgeryError, fields_help
+from algos.surgery.config import Selection, SurgeryConfig, fields_help
+from algos.surgery.errors import NothingToRewrite, SurgeryError
 from algos.surgery.macs import measure_macs_on_first_call
 from algos.surgery.replace import Rewrite, SkipModule, replace_modules
 from algos.surgery.report import SurgeryReport
@@ -55,7 +56,8 @@ class Surgery(ABC):
         return self.config.algorithm
 
     def check_model(self) -> None:  # noqa: B027 (an optional hook)
-        """Raise a ``SurgeryError`` for a model this surgery cannot rewrite at all (before anything else runs)."""
+        """Before anything else runs: raise a ``SurgeryError`` for a model this surgery must refuse, or
+        ``NothingToRewrite`` when it simply has nothing for it (a warning unless ``strict``)."""
 
     def is_candidate(self, module: nn.Module, fqn: str) -> bool:
         """A finer test than ``classes``; a module failing it is no candidate, silently, and the search goes inside."""
@@ -136,8 +138,14 @@ def run_surgery(surgery: Surgery, *, calibration=None, optimizers=None, example_
 
 
 def _select(surgery: Surgery):
-    surgery.check_model()
     selection = surgery.selection
+    try:
+        surgery.check_model()
+    except NothingToRewrite as why:
+        if selection.strict:
+            raise
+        warnings.warn(NoEffectWarning(f"{str(why).rstrip('.')}; the model is unchanged."), stacklevel=3)
+        return [], []
     return select_targets(surgery.model, surgery.classes, algorithm=surgery.name,
                           target_modules=selection.target_modules, exclude_modules=selection.exclude_modules,
                           filter_fn=selection.filter_fn, strict=selection.strict, candidate_fn=surgery.is_candidate,

@@ -263,8 +263,11 @@ def test_a_model_that_is_the_mlp_says_how_to_convert_it():
     assert category is NoEffectWarning and "\n" not in message
     assert message == ("FFFReplace: the model itself is the MLP block (a Sequential), and the root module cannot be "
                        "replaced in place; wrap it (model = nn.Sequential(mlp); apply_fff(model, ...) puts the tree "
-                       "at model[0]) or, for a tree from scratch, build it: FFF(8, 8, depth=2).")
+                       "at model[0]) or, for a tree from scratch, build it: FFF(8, 8, depth=2); the model is "
+                       "unchanged.")
     assert isinstance(mlp[0], nn.Linear)
+    with pytest.warns(NoEffectWarning, match="the model itself is the MLP block"):  # the dry run says it too
+        assert FFFReplace(depth=2).plan(mlp) == ([], [])
     with pytest.raises(ValueError, match=r"^FFFReplace: the model itself .* FFF\(8, 8, depth=3, form='leaf', "
                                          r"leaf_width=4, activation=nn.LeakyReLU\(negative_slope=0.2\)\)\.$"):
         apply_fff(nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Linear(16, 8)), depth=3, form="leaf",
