@@ -183,7 +183,8 @@ def test_component_names_and_errors():
     assert snake_case("DecoupledAdamW") == "decoupled_adamw" and snake_case("LRMonitor") == "lr_monitor"
     assert ALGORITHMS.get("factorize", "").__module__.startswith("algos")
     assert ALGORITHMS.get("composer_factorize", "").__module__.startswith("composer")
-    with pytest.raises(ConfigError, match="algorithms.fff: unknown algorithm 'fft'; registered: .*fff, fnet"):
+    with pytest.raises(ConfigError,
+                       match="algorithms.fff: unknown algorithm 'fft'; registered: .*fff, fff_training, fnet"):
         ALGORITHMS.build("fft", {}, "algorithms.fff")
     with pytest.raises(ConfigError, match=r"^scheduler: missing key\(s\) 't_warmup' \(no default\)$"):
         SCHEDULERS.build("linear_with_warmup", {}, "scheduler")
