@@ -1,7 +1,7 @@
 """Factorize benchmark: forward throughput of factorized vs dense models, side by side in one process, and accuracy
 right after surgery against Composer's own Factorize. Prints markdown for docs/BENCHMARKS.md.
 
-    .venv/bin/python benchmarks/factorize.py                 # all three parts
+    .venv/bin/python benchmarks/factorize.py                 # all three parts (`make` installs the package into .venv)
     .venv/bin/python benchmarks/factorize.py --parts accuracy --repeats 3
 
 (a) BERT-base encoder (HF BertModel from config) at batch 32 x 128, its Linears at 25% rank.
@@ -14,19 +14,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import sys
 import warnings
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from algos import apply_factorization  # noqa: E402
-from algos.bench import loader_accuracy, markdown_table, run_parts, time_forward, train_steps  # noqa: E402
-from algos.surgery.macs import count_macs  # noqa: E402
-from algos.surgery.report import count_params  # noqa: E402
+from algos import apply_factorization
+from algos.bench import loader_accuracy, markdown_table, run_parts, time_forward, train_steps
+from algos.run.data import digits_dataloaders
+from algos.surgery import count_macs, count_params
 
 
 def composer_factorization(model: nn.Module, *, min_width: int, fraction: float, convs: bool, linears: bool):
@@ -88,8 +84,6 @@ def resnet(repeats: int) -> str:
 
 
 def accuracy(steps: int = 400) -> str:
-    from algos.run.data import digits_dataloaders
-
     torch.manual_seed(0)
     train, val = digits_dataloaders(batch_size=64)
     dense = nn.Sequential(nn.Flatten(), nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
@@ -111,7 +105,7 @@ def accuracy(steps: int = 400) -> str:
             surgery(model)
             rows.append([name, f"{rank} of 512", f"{loader_accuracy(model, val):.3f}"])
     title = (f"Accuracy right after surgery: 64-512-512-10 MLP trained {steps} steps on scikit-learn digits "
-             f"(360 held-out images); the 512 x 512 layer is factorized")
+             f"({len(val.dataset)} held-out images); the 512 x 512 layer is factorized")
     return f"### {title}\n\n" + markdown_table(["surgery", "rank", "val accuracy, no fine-tuning"], rows) + "\n"
 
 

@@ -2,35 +2,33 @@
 the `fastfeedforward` PyPI package as the peer, and accuracy / conversion fidelity on a small real dataset.
 Prints markdown.
 
-    .venv/bin/python benchmarks/fff.py                       # all parts
+    .venv/bin/python benchmarks/fff.py                       # all parts (`make` installs the package into .venv)
     .venv/bin/python benchmarks/fff.py --parts block --batches 1,512 [--compile]
 
 (a) block: dense 768-3072-768 GELU vs FFF neuron form depth 11 (12 of 4095 neurons per token; mirrored and
     UltraFastBERT's form), a leaf form of about the dense parameter count (depth 4, leaves 192 wide), and
     fastfeedforward's FFF with the same leaf widths, at the given token batches. Inference (eval, inference_mode).
 (b) bert: BERT-base-size BertModel (HF config, random init), every FFN dense vs FFF, batch 32 x 128.
-(c) accuracy: scikit-learn digits (8x8 images, 1,437 train / 360 held out); dense MLP vs FFF forms at about the same
-    parameter count, trained the same way; then a trained wider MLP converted to FFF by dense vs scratch init:
-    relative output error, accuracy right after conversion and after a short fine-tune.
+(c) accuracy: scikit-learn digits (8x8 images, ``algos.run.data.digits_dataloaders``: 1,438 train / 359 held out);
+    dense MLP vs FFF forms at about the same parameter count, trained the same way (``algos.bench.train_steps``); then
+    a trained wider MLP converted to FFF by dense vs scratch init: relative output error, accuracy right after
+    conversion and after a short fine-tune.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
-import sys
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from algos import FFF, apply_fff  # noqa: E402
-from algos.bench import markdown_table, run_parts, time_forward  # noqa: E402
-from algos.surgery.report import count_params  # noqa: E402
+from algos import FFF, apply_fff
+from algos.bench import loader_accuracy, markdown_table, run_parts, time_forward, train_steps
+from algos.run.data import digits_dataloaders
+from algos.surgery import count_params
 
 
 def dense_block(d: int = 768, hidden: int = 3072) -> nn.Module:
@@ -88,41 +86,21 @@ def bert(repeats: int) -> str:
             + markdown_table(["model", "params", "median forward", "speed-up"], rows) + "\n")
 
 
-def digits():
-    from sklearn.datasets import load_digits
+def hardening_loss(weight: float) -> Callable[[nn.Module], torch.Tensor] | None:
+    """``extra_loss`` for ``train_steps``: ``weight`` x the mean decision entropy the leaf-form trees' last soft
+    forward left (``FFF.last_entropy``); None (no extra loss) for weight 0."""
+    if not weight:
+        return None
 
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16
-    y = torch.tensor(data.target)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    val, train = order[:360], order[360:]
-    return x[train], y[train], x[val], y[val]
-
-
-def train(model: nn.Module, x, y, steps: int, lr: float = 1e-2, hardening: float = 0.0, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    trees = [m for m in model.modules() if isinstance(m, FFF) and m.form == "leaf"]
-    model.train()
-    for _ in range(steps):
-        batch = torch.randint(0, len(y), (64,), generator=generator)
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(x[batch]), y[batch])
-        if hardening:
-            loss = loss + hardening * torch.stack([tree.last_entropy for tree in trees]).mean()
-        loss.backward()
-        optimizer.step()
-    return model
-
-
-def accuracy_of(model: nn.Module, x, y) -> float:
-    model.eval()
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
+    def loss(model: nn.Module) -> torch.Tensor:
+        entropies = [tree.last_entropy for tree in model.modules() if isinstance(tree, FFF) and tree.soft]
+        return weight * torch.stack(entropies).mean()
+    return loss
 
 
 def accuracy(steps: int, seeds: int) -> str:
-    x, y, xv, yv = digits()
+    train, val = digits_dataloaders(batch_size=64)  # images (B, 1, 8, 8): each model starts with nn.Flatten
+    held_out = len(val.dataset)
     variants = {
         "dense MLP 64-64-10 (GELU)": (lambda: nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 10)), 0.0),
         "FFF neuron depth 5, mirrored (ours)": (lambda: FFF(64, 10, 5), 0.0),
@@ -135,28 +113,31 @@ def accuracy(steps: int, seeds: int) -> str:
         scores = []
         for seed in range(seeds):
             torch.manual_seed(seed)
-            model = make()
-            scores.append(accuracy_of(train(model, x, y, steps, hardening=hardening, seed=seed), xv, yv))
+            model = nn.Sequential(nn.Flatten(), make())
+            train_steps(model, train, steps, lr=1e-2, extra_loss=hardening_loss(hardening))
+            scores.append(loader_accuracy(model, val))
         rows.append([name, f"{count_params(model):,}", f"{statistics.median(scores):.3f}",
                      " / ".join(f"{s:.3f}" for s in scores)])
-    out = [f"### Accuracy at about matched parameters: digits, {steps} Adam steps (batch 64, lr 1e-2), {seeds} seeds, "
-           f"360 held-out images (hard inference path)\n",
+    out = [f"### Accuracy at about matched parameters: digits, {steps} Adam steps (batch 64, lr 1e-2), {seeds} seeds "
+           f"(of the initialisation), {held_out} held-out images (hard inference path)\n",
            markdown_table(["model", "params", "median accuracy", "per seed"], rows), ""]
 
     torch.manual_seed(0)
-    dense = train(nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 10)), x, y, steps)
-    rows = [["dense 64-256-10 (trained)", f"{count_params(dense):,}", "-", f"{accuracy_of(dense, xv, yv):.3f}", "-"]]
+    dense = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 10)))
+    train_steps(dense, train, steps, lr=1e-2)
+    rows = [["dense 64-256-10 (trained)", f"{count_params(dense):,}", "-", f"{loader_accuracy(dense, val):.3f}", "-"]]
+    calibration = train.dataset.tensors[0]  # every training image, as one batch
     conversions = [("neuron", dict(depth=4), "scratch", False), ("neuron", dict(depth=4), "dense", False),
                    ("leaf", dict(depth=2, leaf_width=32), "scratch", False),
                    ("leaf", dict(depth=2, leaf_width=32), "dense", False),
                    ("leaf", dict(depth=2, leaf_width=32), "dense", True)]
     for form, kwargs, init, hard in conversions:
-        model = nn.Sequential(copy.deepcopy(dense))
+        model = copy.deepcopy(dense)
         torch.manual_seed(0)
-        report = apply_fff(model, form=form, init=init, calibration=x, **kwargs)
-        converted = accuracy_of(model, xv, yv)
-        model[0].hard_training = hard
-        tuned = accuracy_of(train(model, x, y, steps // 4, lr=3e-3), xv, yv)
+        report = apply_fff(model, form=form, init=init, calibration=calibration, **kwargs)
+        converted = loader_accuracy(model, val)
+        model[1].hard_training = hard
+        tuned = loader_accuracy(train_steps(model, train, steps // 4, lr=3e-3), val)
         rows.append([f"FFF {form} {' x '.join(str(v) for v in kwargs.values())}, init={init}"
                      + (", hard-training fine-tune" if hard else ""),
                      f"{count_params(model):,}", f"{report.replaced[0].notes['rel_error']:.3f}",

@@ -1,7 +1,7 @@
 """FNet-mixing benchmark: Fourier mixing vs the BERT attention it replaces, side by side in one process, plus HF's
 FNetModel as the peer, and accuracy of attention / FNet / hybrid on a small real dataset. Prints markdown.
 
-    .venv/bin/python benchmarks/fnet.py                     # all parts
+    .venv/bin/python benchmarks/fnet.py                     # all parts (`make` installs the package into .venv)
     .venv/bin/python benchmarks/fnet.py --parts sublayer --lengths 128,512
     .venv/bin/python benchmarks/fnet.py --parts seq2seq,generation
 
@@ -22,17 +22,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import sys
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from algos import apply_fnet_mixing  # noqa: E402
-from algos.bench import loader_accuracy, markdown_table, median, run_parts, time_forward, time_interleaved, train_steps  # noqa: E402
-from algos.surgery.report import count_params  # noqa: E402
+from algos import apply_fnet_mixing
+from algos.bench import loader_accuracy, markdown_table, median, run_parts, time_forward, time_interleaved, train_steps
+from algos.run.data import digits_dataloaders
+from algos.surgery import count_params
 
 
 def timed_table(models: dict[str, nn.Module], inputs, repeats: int, baseline: str) -> list[list[str]]:
@@ -82,8 +79,6 @@ def encoder(length: int, repeats: int) -> str:
 
 
 def accuracy(steps: int) -> str:
-    from algos.run.data import digits_dataloaders
-
     class RowTransformer(nn.Module):
         """8 rows of 8 pixels -> tokens with learned positions -> 4 encoder layers -> mean-pool -> 10 classes."""
 
@@ -112,7 +107,7 @@ def accuracy(steps: int) -> str:
         train_steps(model, train, steps)  # images (B, 1, 8, 8) -> 8 tokens of 8 pixels
         rows.append([name, f"{count_params(model) / 1e3:.0f} K", f"{loader_accuracy(model, val):.3f}"])
     title = (f"### Accuracy: 4-layer transformer (d 64) on scikit-learn digits as 8 tokens of 8 pixels, {steps} Adam "
-             f"steps each, 360 held-out images")
+             f"steps each, {len(val.dataset)} held-out images")
     return f"{title}\n\n" + markdown_table(["mixing", "params", "val accuracy"], rows) + "\n"
 
 

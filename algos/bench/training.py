@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 
-def train_steps(model: nn.Module, loader, steps: int, lr: float = 1e-3) -> nn.Module:
-    """``steps`` Adam steps of cross-entropy over ``(inputs, labels)`` batches, cycling through ``loader``."""
+def train_steps(model: nn.Module, loader, steps: int, lr: float = 1e-3,
+                extra_loss: Callable[[nn.Module], torch.Tensor] | None = None) -> nn.Module:
+    """``steps`` Adam steps of cross-entropy over ``(inputs, labels)`` batches, cycling through ``loader``.
+
+    ``extra_loss(model)``, when given, is added to each step's loss after the forward (e.g. a regulariser that the
+    forward leaves on the model's modules)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     step = 0
     while step < steps:
         for inputs, labels in loader:
             optimizer.zero_grad()
-            nn.functional.cross_entropy(model(inputs), labels).backward()
+            loss = nn.functional.cross_entropy(model(inputs), labels)
+            if extra_loss is not None:
+                loss = loss + extra_loss(model)
+            loss.backward()
             optimizer.step()
             step += 1
             if step == steps:

@@ -107,6 +107,7 @@ def final_weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "latest-rank0.pt", weights_only=False)["state"]["model"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe, extra", [("fff.yaml", []),  # surgery at INIT
                                            ("factorize.yaml", ["algorithms.factorize.min_features=32"])],  # at 3ba
                          ids=["fff", "factorize"])

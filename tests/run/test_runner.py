@@ -40,6 +40,9 @@ RECIPE_BASE = {"factorize.yaml": "resnet56_cifar10.yaml", "fff.yaml": "vit_cifar
 # The seq2seq / prefix-LM runs keep their own offline data (span corruption of Python's docs, built in a second),
 # with a short timed generation.
 REAL_DATA = {"bart_span_corruption.yaml", "gpt2_prefix_lm.yaml"}
+# Bases of the largest models (ResNet-50, BERT-base MLM, BART-base, GPT-2): their smoke runs take seconds each, so
+# `make test-fast` leaves them out; the other bases still smoke-test every algorithm's recipe.
+SLOW_BASES = {"resnet50_imagenet.yaml", "bert_base_mlm.yaml", "bart_span_corruption.yaml", "gpt2_prefix_lm.yaml"}
 
 
 def smoke_config(files, tmp_path, *extra):
@@ -58,7 +61,8 @@ def test_every_recipe_has_a_smoke_base():
         assert path.read_text().startswith("# "), f"{path.name} must say what it is for in a top comment"
 
 
-@pytest.mark.parametrize("files", [[y] for y in YAMLS] + [[RECIPE_BASE[r], r] for r in RECIPES],
+@pytest.mark.parametrize("files", [pytest.param(files, marks=[pytest.mark.slow] if files[0] in SLOW_BASES else [])
+                                   for files in [[y] for y in YAMLS] + [[RECIPE_BASE[r], r] for r in RECIPES]],
                          ids=lambda files: "+".join(f.removesuffix(".yaml") for f in files))
 def test_shipped_yaml_trains_two_batches(files, tmp_path):
     summary = run(smoke_config(files, tmp_path), quiet=True)
@@ -161,6 +165,7 @@ def test_inspect_reports_without_training(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_compare_quick_start_writes_table_json_csv_and_plot(tmp_path, capsys):
     out_dir = tmp_path / "cmp"
     files = [str(ROOT / f) for f in ("yamls/digits_mlp.yaml", "recipes/factorize.yaml", "recipes/fff.yaml",
@@ -218,6 +223,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run_through_composers_launcher(tmp_path):
     """``composer -n 2 -m algos.run``: gloo on CPU, FFF at INIT in both processes, each rank sees half the data."""
     run_dir = tmp_path / "ddp"

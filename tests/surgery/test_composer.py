@@ -158,6 +158,7 @@ def test_repr_is_evaluable_and_required_on_load():
         in repr(SwapLinear(filter_fn=lambda m, fqn: True))
 
 
+@pytest.mark.slow
 def test_resume_in_a_process_that_never_imports_algos(composer_model_factory, train_dataloader, tmp_path):
     """Loading the checkpoint unpickles the recorded modules, which imports algos and with it the replay hook."""
     import subprocess
