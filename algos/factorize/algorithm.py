@@ -5,7 +5,7 @@ Per call: select the dense layers (shared core) minus those the data-free rules 
 grouped, or a fixed rank at or above break-even: ``skip_reason``, so a dry run sees them), optionally run calibration
 batches to learn what each layer sees, decompose every weight, choose ranks (one policy for all layers, or a MAC
 budget shared across them), then swap in factorized layers that start from the trained weights. How each dense class
-is read and rebuilt is its handler in ``layers.HANDLERS``; the settings are ``FactorizeConfig``.
+is read and rebuilt is its handler in ``handlers.HANDLERS``; the settings are ``FactorizeConfig`` (config.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from algos.factorize.config import FactorizeConfig
-from algos.factorize.layers import CONV_CLASSES, HANDLERS, LINEAR_CLASSES, DenseHandler, factorized_product
+from algos.factorize.handlers import CONV_CLASSES, HANDLERS, LINEAR_CLASSES, DenseHandler
+from algos.factorize.layers import factorized_product
 from algos.factorize.lowrank import (
     BudgetLayer,
     BudgetTooSmall,

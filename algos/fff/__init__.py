@@ -1,6 +1,7 @@
 """FFF-replace: dense feed-forward blocks become Fast FeedForward trees (Belcak & Wattenhofer 2023)."""
 
-from algos.fff.algorithm import FFFConfig, FFFReplace, FFFSurgery, apply_fff
+from algos.fff.algorithm import FFFReplace, FFFSurgery, apply_fff
+from algos.fff.config import FFFConfig
 from algos.fff.training import FFFTraining
 from algos.fff.tree import FFF
 

@@ -143,6 +143,10 @@ class GPT2Convention(CallConvention):
         return out, None
 
 
+# The conventions by the name checkpoints saved before ``CallConvention`` stored (``family="t5"``...).
+SAVED_FAMILIES = {convention.name: convention for convention in (T5Convention, BartConvention, GPT2Convention)}
+
+
 class FourierSeqAttention(nn.Module):
     """Replaces an HF T5 / BART / GPT-2 attention module used as self-attention: out = mix(x), in the tuple the
     family's layer unpacks (its ``CallConvention``)."""
@@ -150,6 +154,13 @@ class FourierSeqAttention(nn.Module):
     def __init__(self, mixing: FourierMixing, convention: CallConvention, layer_idx: int | None):
         super().__init__()
         self.mixing, self.convention, self.layer_idx = mixing, convention, layer_idx
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling: a module saved with its family's name (``family``) gets that family's convention."""
+        if "family" in state:
+            state = dict(state)
+            state["convention"] = SAVED_FAMILIES[state.pop("family")]()
+        super().__setstate__(state)
 
     def extra_repr(self) -> str:
         return f"family={self.convention.name!r}, layer_idx={self.layer_idx}"

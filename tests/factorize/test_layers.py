@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from algos.factorize.layers import HANDLERS
+from algos.factorize.handlers import HANDLERS
 from algos.factorize.lowrank import decompose
 
 

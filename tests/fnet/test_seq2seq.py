@@ -1,5 +1,8 @@
 """FNet mixing in HF seq2seq (T5, BART) and decoder-only (GPT-2) models: scope, untouched decoders, padding
-invariance through cross-attention, causality, and generation with the Fourier layers' cache."""
+invariance through cross-attention, causality, generation with the Fourier layers' cache, and loading modules pickled
+before ``CallConvention``."""
+
+import pickle
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from transformers import (
 
 from algos import apply_fnet_mixing
 from algos.fnet import FourierMixing, FourierSeqAttention
-from algos.fnet.adapters import GPT2Convention, keep_mask
+from algos.fnet.adapters import BartConvention, GPT2Convention, T5Convention, keep_mask
 
 
 def tiny_bart(**overrides):
@@ -224,3 +227,18 @@ def test_causal_keep_mask_reads_the_newest_query():
     assert not torch.equal(unmasked, causal)  # the pads' rows now attend everywhere
     for form in (causal, unmasked, mask):
         assert torch.equal(keep_mask(form, None, causal=True), mask.bool())
+
+
+@pytest.mark.parametrize("convention", [T5Convention(), BartConvention(), GPT2Convention()], ids=lambda c: c.name)
+def test_a_module_pickled_with_its_family_name_resumes_with_its_convention(convention):
+    """Checkpoints saved before ``CallConvention`` hold FourierSeqAttention with ``family="t5"`` (or "bart", "gpt2")
+    in place of ``convention``: unpickled, it answers as the module built today."""
+    new = FourierSeqAttention(FourierMixing("dft", causal=True, norm="ortho", max_length=16), convention, 0)
+    saved = pickle.loads(pickle.dumps(new))
+    vars(saved)["family"] = vars(saved).pop("convention").name  # the state as it was pickled then
+    loaded = pickle.loads(pickle.dumps(saved))
+    assert "family" not in vars(loaded) and type(loaded.convention) is type(convention)
+    x, mask = torch.randn(2, 5, 8), torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    answer, expected = loaded(x, **{convention.mask_keyword: mask}), new(x, **{convention.mask_keyword: mask})
+    assert len(answer) == len(expected) and torch.equal(answer[0], expected[0])
+    assert all(a is None and e is None for a, e in zip(answer[1:], expected[1:], strict=True))

@@ -1,4 +1,5 @@
-"""The attention families FNet-mixing rewrites, one handler each, found by type in ``FAMILIES``.
+"""FNet-mixing's per-class handlers: the attention families it rewrites, one handler each, found by type in
+``FAMILIES``.
 
 A handler knows, for a module of its family: its ``Role`` in the model (cross-attention, decoder self-attention or
 encoder self-attention), the default ``norm`` (``"ortho"`` where the attention sits in a pre-LN residual branch,

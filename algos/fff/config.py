@@ -1,0 +1,68 @@
+"""FFF-replace's settings: one frozen dataclass, checked once on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from algos.fff.tree import FFF, check_tree_arguments, fff_param_count
+from algos.surgery.config import SurgeryConfig, setting
+
+if TYPE_CHECKING:
+    from algos.fff.handlers import Block
+
+INITS = ("scratch", "dense")
+
+
+@dataclass(frozen=True)
+class FFFConfig(SurgeryConfig):
+    algorithm = "FFFReplace"
+
+    depth: int = setting(help="tree depth: a token visits depth + 1 neurons (neuron form) or depth decisions and one "
+                              "leaf (leaf form)")
+    form: str = setting("neuron", "'neuron' (UltraFastBERT, hard routing in training too) or 'leaf' (FFF paper, soft "
+                                  "mixture of leaf_width-wide leaf MLPs in training, hard in eval)")
+    leaf_width: int = setting(32, "leaf form: hidden width of each leaf MLP")
+    init: str = setting("scratch", "'scratch' (fresh weights) or 'dense' (from the trained block: median splits "
+                                   "along principal directions, then the dense neurons that matter per leaf / "
+                                   "least-squares node outputs), which needs calibration")
+    mirrored: bool = setting(True, "neuron form: routing and contribution decoupled (see algos.fff.tree); False is "
+                                   "UltraFastBERT's form")
+    region_leak: float = setting(0.0, "leaf form: probability of flipping each soft decision in training")
+    activation: str | nn.Module | None = setting(None, "'gelu', 'relu', 'silu', 'tanh' or an nn.Module; None takes "
+                                                       "the block's own (GELU for a lone Linear)")
+    max_params: int | float | None = setting(None, "refuse trees bigger than this: an int (parameters), or a float "
+                                                   "(times the block's parameters); trees that together cannot fit "
+                                                   "in the memory where they are built are always refused")
+    calibration_batches: int = setting(8, "use at most this many calibration batches (in a Trainer: train batches "
+                                          "drawn at FIT_START for init='dense')")
+    calibration_tokens: int = setting(4096, "keep at most this many calibration tokens per block (a random subset)")
+
+    def check(self) -> None:
+        check_tree_arguments(depth=self.depth, form=self.form, leaf_width=self.leaf_width,
+                             activation=self.activation or "gelu", region_leak=self.region_leak, error=self.error)
+        if self.init not in INITS:
+            raise self.error(f"init={self.init!r} is not one of {', '.join(map(repr, INITS))}.")
+        limit = self.max_params
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
+            raise self.error(f"max_params={limit!r} must be None, an int (parameters per tree) or a float "
+                             f"(multiple of the replaced block's parameters), > 0.")
+        for name, value in (("calibration_batches", self.calibration_batches),
+                            ("calibration_tokens", self.calibration_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise self.error(f"{name}={value!r} must be an int >= 1.")
+
+    @property
+    def calibration_needed(self) -> int:
+        return self.calibration_batches if self.init == "dense" else 0
+
+    def tree(self, in_features: int, out_features: int, activation: str | nn.Module) -> FFF:
+        return FFF(in_features, out_features, self.depth, form=self.form, leaf_width=self.leaf_width,
+                   activation=activation, mirrored=self.mirrored, region_leak=self.region_leak)
+
+    def tree_params(self, block: Block, depth: int) -> int:
+        """Parameters of the tree ``block`` would get at ``depth``, without building it."""
+        return fff_param_count(block.dense.in_features, block.dense.out_features, depth, self.form, self.leaf_width,
+                               self.mirrored)
