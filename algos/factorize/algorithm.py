@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from algos.factorize.config import FactorizeConfig
@@ -31,6 +32,7 @@ from algos.factorize.lowrank import (
 )
 from algos.surgery.algorithm import SurgeryAlgorithm
 from algos.surgery.calibration import CalibrationError, run_calibration
+from algos.surgery.fit import fit_to_outputs
 from algos.surgery.replace import SkipModule
 from algos.surgery.report import SurgeryReport
 from algos.surgery.surgery import Surgery, Targets, run_surgery, settings_signature, split_settings
@@ -44,6 +46,7 @@ class LayerPlan:
     positions: int | None = None  # output positions per sample, once calibration saw the layer
     input_moment: torch.Tensor | None = None  # sum of x x^T over its calibration inputs (init="activation")
     rows_seen: int = 0  # how many input rows x that sum holds
+    inputs: torch.Tensor | None = None  # fit_steps: up to fit_tokens calibration input rows (a random subset)
     decomposition: Decomposition | None = None
     rank: int | None = None
     skip: str | None = None  # why it stays dense after all (a rank from the spectrum past break-even)
@@ -61,6 +64,7 @@ class FactorizeSurgery(Surgery):
         super().__init__(model, config, selection)
         self.tied = tied_parameters(model)
         self.plans: dict[str, LayerPlan] = {}
+        self.generator = torch.Generator().manual_seed(0)  # fit_steps: which input rows are kept when more come
 
     @classmethod
     def apply(cls, model: nn.Module, *, calibration=None, optimizers=None, example_inputs=None,
@@ -100,6 +104,9 @@ class FactorizeSurgery(Surgery):
         if self.config.init == "activation" and calibration is None:
             raise self.config.error("init='activation' needs calibration= batches (or, in a Trainer, a "
                                     "train_dataloader).")
+        if self.config.fit_steps > 0 and calibration is None:
+            raise self.config.error(f"fit_steps={self.config.fit_steps} needs calibration= batches (or, in a "
+                                    f"Trainer, a train_dataloader).")
 
     def prepare(self, targets: Targets, calibration) -> None:
         self.require_calibration(calibration)
@@ -143,6 +150,13 @@ class FactorizeSurgery(Surgery):
             moment = rows.T @ rows
             plan.input_moment = moment if plan.input_moment is None else plan.input_moment + moment
             plan.rows_seen += rows.shape[0]
+        if self.config.fit_steps > 0:
+            if plan.inputs is not None:
+                rows = torch.cat([plan.inputs, rows])
+            if len(rows) > self.config.fit_tokens:
+                keep = torch.randperm(len(rows), generator=self.generator)[: self.config.fit_tokens]
+                rows = rows[keep.to(rows.device)]
+            plan.inputs = rows
 
     def _whitening(self, plan: LayerPlan) -> torch.Tensor | None:
         """C = E[x x^T] of the layer's calibration inputs for init="activation" (released from the plan once read);
@@ -197,7 +211,30 @@ class FactorizeSurgery(Surgery):
             notes["rel_error"] = plan.decomposition.relative_error(plan.rank)
             if plan.note is not None:
                 notes["init"] = plan.note
+        if self.config.fit_steps > 0:
+            if plan.inputs is None:
+                notes["fit"] = "none (calibration never reached it)"
+            else:
+                notes.update(self.fit(plan, layer, new))
+                plan.inputs = None
         return new, notes
+
+    def fit(self, plan: LayerPlan, layer: nn.Module, new: nn.Module) -> dict[str, float]:
+        """Train ``new`` to reproduce ``layer`` on its kept calibration rows (``algos.surgery.fit``), both read as
+        matrices on rows of W's input space (im2col patches for a convolution); the held-out relative errors."""
+        rows = plan.inputs
+        with torch.no_grad():
+            weight = plan.handler.weight_matrix(layer)
+            targets = F.linear(rows.to(weight.dtype), weight.reshape(weight.shape[0], -1),
+                               None if layer.bias is None else layer.bias.reshape(-1))
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            bias = None if new.second.bias is None else new.second.bias.reshape(-1)
+            return F.linear(F.linear(x, new.first.weight.flatten(1)), new.second.weight.flatten(1), bias)
+
+        result = fit_to_outputs(new, rows, targets, steps=self.config.fit_steps, lr=self.config.fit_lr,
+                                forward=forward)
+        return {"fit_error_before": round(result.before, 4), "fit_error_after": round(result.after, 4)}
 
 
 def above_break_even(shape: tuple[int, int], rank: int) -> str | None:
@@ -232,15 +269,18 @@ Replace Linear / Conv1d / Conv2d / HF Conv1D layers of ``model`` by low-rank fac
     with the new parameters; ``example_inputs`` run once after surgery to fill in the report's MACs.
 
     Returns the report; each row's notes hold the rank and ``rel_error`` = ||W - UV|| / ||W|| (for
-    ``init="activation"``: the relative output error on the calibration inputs).""")
+    ``init="activation"``: the relative output error on the calibration inputs). With ``fit_steps`` > 0 (which needs
+    ``calibration``) each factorized layer is then trained to reproduce the dense one on its calibration inputs
+    (``algos.surgery.fit``), and the notes add ``fit_error_before`` / ``fit_error_after``: the relative output error on
+    held-out calibration rows before and after.""")
 
 
 class Factorize(SurgeryAlgorithm):
     """Composer form of :func:`apply_factorization`; takes Composer's ``Factorize`` arguments too (keywords only).
 
     Runs at ``Event.INIT`` by default, or at ``apply_at`` (e.g. ``"2ep"``) on the model trained so far. With
-    ``init="activation"`` or ``mac_budget``, the first ``calibration_batches`` batches of the train dataloader are
-    the calibration, so the surgery runs at ``Event.FIT_START`` at the earliest.
+    ``init="activation"``, ``mac_budget`` or ``fit_steps``, the first ``calibration_batches`` batches of the train
+    dataloader are the calibration, so the surgery runs at ``Event.FIT_START`` at the earliest.
     """
 
     surgery_class = FactorizeSurgery

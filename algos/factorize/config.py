@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from algos.surgery.config import SurgeryConfig, setting
+from algos.surgery.fit import check_fit_settings
 
 INITS = ("svd", "activation", "random")
 DEFAULT_RANK = 0.25
@@ -51,6 +52,12 @@ class FactorizeConfig(SurgeryConfig):
     calibration_batches: int = setting(8, "calibration batches used for init='activation' and mac_budget")
     damping: float = setting(0.01, "added to the input second moment's diagonal, relative to its mean, before "
                                    "whitening")
+    fit_steps: int = setting(0, "after init, train each factorized layer for this many Adam steps to reproduce the "
+                                "dense layer's outputs on its calibration inputs (90% of the kept rows; the rest "
+                                "measure the error), which needs calibration; 0: no fitting")
+    fit_lr: float = setting(1e-3, "Adam's learning rate for fit_steps")
+    fit_tokens: int = setting(4096, "fit_steps: keep at most this many calibration input rows per layer (a random "
+                                    "subset; for a convolution, a row is one im2col patch)")
 
     def check(self) -> None:
         self._check_composer_names()
@@ -74,12 +81,13 @@ class FactorizeConfig(SurgeryConfig):
                 raise self.error(f"rank={rank} as a fraction of min(in, out) must be in (0, 1]; pass an int for an "
                                  f"absolute rank.")
         for name, least in (("rank_multiple", 1), ("calibration_batches", 1), ("min_features", 0),
-                            ("min_channels", 0)):
+                            ("min_channels", 0), ("fit_tokens", 1)):
             value = getattr(self, name)
             if not (_is_int(value) and value >= least):
                 raise self.error(f"{name}={value!r} must be an int >= {least}.")
         if not (_is_number(self.damping) and self.damping >= 0):
             raise self.error(f"damping={self.damping!r} must be a number >= 0.")
+        check_fit_settings(self.fit_steps, self.fit_lr, self.error)
 
     def _check_composer_names(self) -> None:
         for name in ("factorize_convs", "factorize_linears"):
@@ -121,7 +129,8 @@ class FactorizeConfig(SurgeryConfig):
 
     @property
     def calibration_needed(self) -> int:
-        return self.calibration_batches if self.init == "activation" or self.mac_budget is not None else 0
+        wanted = self.init == "activation" or self.mac_budget is not None or self.fit_steps > 0
+        return self.calibration_batches if wanted else 0
 
 
 def _is_number(value) -> bool:

@@ -23,6 +23,7 @@ from algos.surgery.algorithm import SurgeryAlgorithm
 from algos.surgery.calibration import CalibrationError, run_calibration
 from algos.surgery.config import Selection
 from algos.surgery.errors import NothingToRewrite
+from algos.surgery.fit import fit_to_outputs
 from algos.surgery.report import SurgeryReport
 from algos.surgery.surgery import Surgery, Targets, settings_signature
 from algos.surgery.targets import converted_by, name_matches
@@ -101,6 +102,9 @@ class FFFSurgery(Surgery):
     def prepare(self, targets: Targets, calibration) -> None:
         if self.config.init == "dense" and calibration is None:
             raise self.config.error("init='dense' needs calibration= batches (or, in a Trainer, a train_dataloader).")
+        if self.config.fit_steps > 0 and calibration is None:
+            raise self.config.error(f"fit_steps={self.config.fit_steps} needs calibration= batches (or, in a "
+                                    f"Trainer, a train_dataloader).")
         self.targets = {fqn: self.found[fqn] for fqn, _ in targets}
         self.check_size(self.targets)  # all trees together
         if calibration is not None:
@@ -132,9 +136,19 @@ class FFFSurgery(Surgery):
             if self.config.init == "dense":
                 init_from_dense(fff, block.dense, self.inputs[fqn])
             notes["rel_error"] = round(relative_error(fff, block.dense, self.inputs[fqn]), 4)
+            if self.config.fit_steps > 0:
+                notes.update(self.fit(fff, block, self.inputs[fqn]))
         elif self.calibrated:
             notes["init"] = "scratch (calibration never reached it)"
         return block.rewrite(fff, fqn, notes)
+
+    def fit(self, fff: FFF, block: Block, inputs: torch.Tensor) -> dict[str, float]:
+        """Train ``fff`` to reproduce ``block.dense`` on ``inputs`` (``algos.surgery.fit``); the held-out relative
+        errors before and after, for the report."""
+        with torch.no_grad():
+            targets = block.dense(inputs.to(block.dense.fc1.weight.dtype))
+        result = fit_to_outputs(fff, inputs, targets, steps=self.config.fit_steps, lr=self.config.fit_lr)
+        return {"fit_error_before": round(result.before, 4), "fit_error_after": round(result.after, 4)}
 
     def activation_for(self, block: Block) -> str | nn.Module:
         """The tree's activation: ``activation``, else the block's own (GELU for a lone Linear)."""
@@ -242,8 +256,10 @@ settings_signature(apply_fff, FFFConfig, doc="""Replace dense feed-forward block
 
     ``calibration``: batches the model can be called with (a tensor, a dict, or an iterable of them), needed by
     ``init='dense'``. With it, each row of the report notes ``rel_error`` = ||FFF(x) - block(x)|| / ||block(x)|| on
-    those inputs. ``optimizers`` are kept consistent with the new parameters; ``example_inputs`` run once after
-    surgery to fill in the report's MACs.
+    those inputs; with ``fit_steps`` > 0 each tree is then trained to reproduce its block on them
+    (``algos.surgery.fit``), and the row adds ``fit_error_before`` / ``fit_error_after``, the same error on held-out
+    calibration rows before and after. ``optimizers`` are kept consistent with the new parameters;
+    ``example_inputs`` run once after surgery to fill in the report's MACs.
 
     Applying it twice is applying it once. A ``model`` that is itself the block cannot be converted in place (the
     warning, or with ``strict`` the error, says how to wrap it or build the ``FFF`` directly).""")
@@ -254,8 +270,8 @@ class FFFReplace(SurgeryAlgorithm):
     ``hard_training_at``, ``log_interval``: see :class:`algos.fff.training.FFFTraining`, which this delegates to).
     ``find_unused_parameters`` is True, so DDP tolerates the parameters hard routing leaves without gradient.
 
-    Surgery runs at ``Event.INIT``; with ``init="dense"`` the first ``calibration_batches`` train batches are the
-    calibration, so at ``Event.FIT_START``; or at ``apply_at``.
+    Surgery runs at ``Event.INIT``; with ``init="dense"`` or ``fit_steps`` the first ``calibration_batches`` train
+    batches are the calibration, so at ``Event.FIT_START``; or at ``apply_at``.
     """
 
     surgery_class = FFFSurgery

@@ -9,6 +9,7 @@ from torch import nn
 
 from algos.fff.tree import FFF, check_tree_arguments, fff_param_count
 from algos.surgery.config import SurgeryConfig, setting
+from algos.surgery.fit import check_fit_settings
 
 if TYPE_CHECKING:
     from algos.fff.handlers import Block
@@ -39,6 +40,10 @@ class FFFConfig(SurgeryConfig):
     calibration_batches: int = setting(8, "use at most this many calibration batches (in a Trainer: train batches "
                                           "drawn at FIT_START for init='dense')")
     calibration_tokens: int = setting(4096, "keep at most this many calibration tokens per block (a random subset)")
+    fit_steps: int = setting(0, "after init, train each tree for this many Adam steps to reproduce its dense block's "
+                                "outputs on the calibration tokens (90% of them; the rest measure the error), which "
+                                "needs calibration; 0: no fitting")
+    fit_lr: float = setting(1e-3, "Adam's learning rate for fit_steps")
 
     def check(self) -> None:
         check_tree_arguments(depth=self.depth, form=self.form, leaf_width=self.leaf_width,
@@ -53,10 +58,11 @@ class FFFConfig(SurgeryConfig):
                             ("calibration_tokens", self.calibration_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise self.error(f"{name}={value!r} must be an int >= 1.")
+        check_fit_settings(self.fit_steps, self.fit_lr, self.error)
 
     @property
     def calibration_needed(self) -> int:
-        return self.calibration_batches if self.init == "dense" else 0
+        return self.calibration_batches if self.init == "dense" or self.fit_steps > 0 else 0
 
     def tree(self, in_features: int, out_features: int, activation: str | nn.Module) -> FFF:
         return FFF(in_features, out_features, self.depth, form=self.form, leaf_width=self.leaf_width,

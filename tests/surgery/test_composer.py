@@ -112,6 +112,7 @@ ALGORITHMS = {
     # soft training with region leak draws random numbers: Composer's checkpointed RNG state must replay them
     "FFF-leaf-leak": lambda: FFFReplace(depth=2, form="leaf", leaf_width=4, region_leak=0.1, target_modules=["0"]),
     "FFF-at-1ba": lambda: FFFReplace(depth=2, target_modules=["0"], apply_at="1ba"),
+    "FFF-dense-fit": lambda: FFFReplace(depth=2, init="dense", fit_steps=50),
 }
 
 
