@@ -30,6 +30,8 @@ from algos.factorize.lowrank import (
     energy_rank,
     round_rank,
 )
+from algos.fff.blocks import DenseMLP
+from algos.fff.handlers import BLOCK_CLASSES, BLOCKS, NotADenseBlock
 from algos.surgery.algorithm import SurgeryAlgorithm
 from algos.surgery.calibration import CalibrationError, run_calibration
 from algos.surgery.fit import fit_to_outputs
@@ -65,6 +67,8 @@ class FactorizeSurgery(Surgery):
         self.tied = tied_parameters(model)
         self.plans: dict[str, LayerPlan] = {}
         self.generator = torch.Generator().manual_seed(0)  # fit_steps: which input rows are kept when more come
+        self.blocks: list[FittedBlock] = []  # fit_steps: MLP blocks whose two layers are both targets
+        self.replacements: dict[str, nn.Module] = {}  # fit_steps: the factorized layers made so far
 
     @classmethod
     def apply(cls, model: nn.Module, *, calibration=None, optimizers=None, example_inputs=None,
@@ -116,6 +120,8 @@ class FactorizeSurgery(Surgery):
             if not torch.isfinite(handler.weight_matrix(layer)).all():
                 raise config.error(f"the weight of {fqn!r} is not finite (NaN or inf); the model is unchanged.")
             self.plans[fqn] = LayerPlan(handler)
+        if config.fit_steps > 0:
+            self.blocks = mlp_blocks(self.model, dict(targets))
         unmeasured = [fqn for fqn, plan in self.plans.items() if plan.handler.positions_need_calibration]
         needs_positions = config.mac_budget is not None and bool(unmeasured)
         if calibration is not None and config.calibration_needed:
@@ -216,8 +222,33 @@ class FactorizeSurgery(Surgery):
                 notes["fit"] = "none (calibration never reached it)"
             else:
                 notes.update(self.fit(plan, layer, new))
-                plan.inputs = None
+            self.replacements[fqn] = new
+            notes.update(self.fit_blocks())
         return new, notes
+
+    def fit_blocks(self) -> dict[str, float | str]:
+        """Once both factorized layers of an MLP block exist, train them together to reproduce the dense block
+        (fc2(act(fc1(x))) on fc1's kept calibration rows); the held-out errors of the block, for the row of the layer
+        made second. Releases the rows no block still needs."""
+        notes: dict[str, float | str] = {}
+        for block in [b for b in self.blocks if b.first in self.replacements and b.second in self.replacements]:
+            self.blocks.remove(block)
+            rows = self.plans[block.first].inputs
+            if rows is None:
+                continue
+            pair = nn.ModuleList([self.replacements[block.first], self.replacements[block.second]])
+            with torch.no_grad():
+                targets = block.dense(rows.to(block.dense.fc1.weight.dtype))
+            result = fit_to_outputs(pair, rows, targets, steps=self.config.fit_steps, lr=self.config.fit_lr,
+                                    forward=lambda x, pair=pair, act=block.dense.activation: pair[1](act(pair[0](x))))
+            notes.update({"block": block.name,
+                          "block_fit_error_before": round(result.before, 4),
+                          "block_fit_error_after": round(result.after, 4)})
+        waiting = {b.first for b in self.blocks}
+        for fqn in self.replacements:
+            if fqn not in waiting:
+                self.plans[fqn].inputs = None
+        return notes
 
     def fit(self, plan: LayerPlan, layer: nn.Module, new: nn.Module) -> dict[str, float]:
         """Train ``new`` to reproduce ``layer`` on its kept calibration rows (``algos.surgery.fit``), both read as
@@ -235,6 +266,34 @@ class FactorizeSurgery(Surgery):
         result = fit_to_outputs(new, rows, targets, steps=self.config.fit_steps, lr=self.config.fit_lr,
                                 forward=forward)
         return {"fit_error_before": round(result.before, 4), "fit_error_after": round(result.after, 4)}
+
+
+@dataclass
+class FittedBlock:
+    """An MLP block (Linear, activation, Linear) whose two layers Factorize both targets: fitted together."""
+
+    name: str  # where FFF-replace finds it: the Sequential, the BERT intermediate, the Transformer layer
+    first: str
+    second: str
+    dense: DenseMLP
+
+
+def mlp_blocks(model: nn.Module, targets: dict[str, nn.Module]) -> list[FittedBlock]:
+    """The MLP blocks FFF-replace recognises (``algos.fff.handlers.BLOCKS``: HF BERT intermediate/output pairs,
+    ``nn.Sequential`` MLPs, Transformer layers' feed-forwards) whose fc1 and fc2 are both in ``targets``."""
+    names = {id(layer): fqn for fqn, layer in targets.items()}
+    found = []
+    for fqn, module in model.named_modules():
+        if not isinstance(module, BLOCK_CLASSES):
+            continue
+        try:
+            dense = BLOCKS.find(module).find(module, fqn, model).dense
+        except NotADenseBlock:
+            continue
+        first, second = names.get(id(dense.fc1)), names.get(id(dense.fc2))
+        if first is not None and second is not None:
+            found.append(FittedBlock(fqn, first, second, dense))
+    return found
 
 
 def above_break_even(shape: tuple[int, int], rank: int) -> str | None:
@@ -272,7 +331,8 @@ Replace Linear / Conv1d / Conv2d / HF Conv1D layers of ``model`` by low-rank fac
     ``init="activation"``: the relative output error on the calibration inputs). With ``fit_steps`` > 0 (which needs
     ``calibration``) each factorized layer is then trained to reproduce the dense one on its calibration inputs
     (``algos.surgery.fit``), and the notes add ``fit_error_before`` / ``fit_error_after``: the relative output error on
-    held-out calibration rows before and after.""")
+    held-out calibration rows before and after; an MLP block whose two layers are both factorized is then fitted as a
+    block, its errors (``block_fit_error_before`` / ``_after``) on the row of its second layer.""")
 
 
 class Factorize(SurgeryAlgorithm):

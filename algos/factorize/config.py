@@ -54,7 +54,8 @@ class FactorizeConfig(SurgeryConfig):
                                    "whitening")
     fit_steps: int = setting(0, "after init, train each factorized layer for this many Adam steps to reproduce the "
                                 "dense layer's outputs on its calibration inputs (90% of the kept rows; the rest "
-                                "measure the error), which needs calibration; 0: no fitting")
+                                "measure the error), then each MLP block whose two layers are both factorized as a "
+                                "block; needs calibration; 0: no fitting")
     fit_lr: float = setting(1e-3, "Adam's learning rate for fit_steps")
     fit_tokens: int = setting(4096, "fit_steps: keep at most this many calibration input rows per layer (a random "
                                     "subset; for a convolution, a row is one im2col patch)")

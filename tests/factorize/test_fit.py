@@ -64,7 +64,7 @@ def test_fit_tokens_caps_the_rows_kept(monkeypatch):
         seen.append(len(rows)), original(module, rows, *args, **kwargs))[1])
     model, x, _ = trained_digits_mlp(steps=1)
     apply_factorization(model, rank=8, min_features=1, fit_steps=1, fit_tokens=100, calibration=x.split(500))
-    assert seen == [100, 100]
+    assert seen == [100, 100, 100]  # each layer, then the block on the first layer's rows
 
 
 def test_fit_steps_needs_calibration_and_counts_it():
@@ -85,3 +85,36 @@ def test_bad_fit_settings_are_one_line_errors_and_the_model_is_untouched(kwargs,
         apply_factorization(model, rank=8, min_features=1, **kwargs)
     assert "\n" not in str(error.value)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_an_mlp_block_is_fitted_as_a_block_where_per_layer_fitting_gains_nothing():
+    model, x, _ = trained_digits_mlp()
+    dense = copy.deepcopy(model[0])
+    report = apply_factorization(model, rank=8, min_features=1, init="activation", fit_steps=200, fit_lr=1e-2,
+                                 calibration=x)
+    first, second = (row.notes for row in report.replaced)
+    assert "block_fit_error_after" not in first
+    assert abs(first["fit_error_after"] - first["fit_error_before"]) < 0.01  # whitened SVD: already optimal alone
+    assert second["block"] == "0"
+    assert second["block_fit_error_after"] < 0.85 * second["block_fit_error_before"], second
+    held_out = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:round(0.1 * len(x))]
+    with torch.no_grad():
+        target = dense(x[held_out])
+        error = ((model[0](x[held_out]) - target).norm() / target.norm()).item()
+    assert error == pytest.approx(second["block_fit_error_after"], abs=1e-4)
+
+
+def test_bert_feed_forward_pairs_are_fitted_as_blocks():
+    from transformers import BertModel
+
+    from tests.models import tiny_bert_config
+
+    torch.manual_seed(0)
+    model = BertModel(tiny_bert_config(num_hidden_layers=2)).eval()
+    ids = torch.randint(5, 100, (16, 16))
+    report = apply_factorization(model, rank=8, min_features=1, fit_steps=100, fit_lr=1e-2,
+                                 target_modules=[".intermediate.dense", ".output.dense"], calibration=ids)
+    blocks = {row.notes["block"]: row.notes for row in report.replaced if "block" in row.notes}
+    assert set(blocks) == {f"encoder.layer.{i}.intermediate" for i in range(2)}
+    for notes in blocks.values():
+        assert notes["block_fit_error_after"] < 0.85 * notes["block_fit_error_before"], notes
