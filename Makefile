@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[nlp,dev]"
+	$(PY) -m pip install --quiet -e ".[nlp,dev,heal]"
 	touch $(STAMP)
 
 # The offline quick-start: baseline vs Factorize vs FFF on the digits MLP, baseline vs FNet on the digits ViT.

@@ -1,13 +1,14 @@
 """The data registry: a name in ``data.name`` -> ``(train_dataloader, eval_dataloader)`` for the model built.
 
-Each builder gets the model's ``InputSpec`` (``spec``) besides its config keys. Offline: ``digits`` (images shipped
-with scikit-learn), ``text_mlm`` and ``span_corruption`` with their default corpus (Python's own reference
-documentation, shipped with every Python), ``synthetic``. Needing the network or a local copy: ``cifar10``
+Each builder gets the model's ``InputSpec`` (``spec``) besides its config keys. Offline: ``digits`` (images
+shipped with scikit-learn), ``text_mlm``, ``span_corruption`` and ``sentences`` with their default corpus (Python's
+own reference documentation, shipped with every Python), ``synthetic``. Needing the network or a local copy: ``cifar10``
 (torchvision), ``imagenet`` (an image folder), ``glue`` and the text builders with ``dataset=`` (HF datasets).
 """
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def digits_dataloaders(batch_size: int = 64, val_fraction: float = 0.2, seed: in
 def synthetic(*, spec: InputSpec, batch_size: int = 8, num_samples: int = 64, seq_len: int = 128,
               seed: int = 0) -> tuple[DataLoader, DataLoader]:
     """Random batches shaped for the model (smoke runs, CI): images with labels, or token ids with masked-LM /
-    class labels. Learns nothing; its metrics mean nothing."""
+    class labels (none for a sentence encoder). Learns nothing; its metrics mean nothing."""
     generator = torch.Generator().manual_seed(seed)
     if spec.kind == "image":
         def make(n):
@@ -77,6 +78,8 @@ def synthetic(*, spec: InputSpec, batch_size: int = 8, num_samples: int = 64, se
 
     def make_tokens(n):
         ids = torch.randint(5, spec.vocab_size, (n, length), generator=generator)
+        if spec.task == "embedding":  # a sentence encoder: no labels
+            return _DictDataset(input_ids=ids, attention_mask=torch.ones_like(ids))
         if spec.task == "seq2seq":
             labels = ids[:, : max(1, length // 4)].clone()
         elif spec.task == "causal_lm":
@@ -294,9 +297,12 @@ def corrupt_spans(tokens: list[int], sentinels: list[int], noise_density: float,
 
 
 def _pad_collate(rows: list[dict]) -> dict:
-    """Right-pad ``input_ids`` (PAD, with an attention mask) and ``labels`` (-100) to the batch's longest row."""
+    """Right-pad ``input_ids`` (PAD, with an attention mask) and ``labels`` (-100, if rows have them) to the batch's
+    longest row."""
     batch = {}
     for key, fill in (("input_ids", PAD_ID), ("labels", -100)):
+        if key not in rows[0]:
+            continue
         longest = max(len(row[key]) for row in rows)
         batch[key] = torch.tensor([row[key] + [fill] * (longest - len(row[key])) for row in rows])
     batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1]) <
@@ -344,6 +350,46 @@ def span_corruption(*, spec: InputSpec, files: list[str] | None = None, dataset:
         rows = [{"input_ids": source + target, "labels": [-100] * len(source) + target} for source, target in pairs]
     train, val = _split(rows, val_fraction, batch_size, "rows")
     return _loaders(train, val, batch_size, collate_fn=_pad_collate)
+
+
+# A sentence ends at . ! or ? followed by white space (a simple rule: abbreviations such as "e.g. x" split too).
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def split_sentences(texts: list[str], min_words: int = 5, max_words: int = 64) -> list[str]:
+    """The sentences of ``texts`` (white space collapsed) of at most ``max_words`` words, ``min_words`` of them with a
+    letter (no table rules or bare symbols), each once (first occurrence order)."""
+    sentences = (" ".join(piece.split()) for text in texts for piece in SENTENCE_END.split(text))
+    return list(dict.fromkeys(s for s in sentences if len(s.split()) <= max_words
+                              and sum(any(c.isalpha() for c in word) for word in s.split()) >= min_words))
+
+
+@DATA.register("sentences")
+def sentences(*, spec: InputSpec, files: list[str] | None = None, dataset: str | None = None,
+              dataset_config: str | None = None, text_column: str = "text", tokenizer: str | None = None,
+              seq_len: int = 64, min_words: int = 5, max_words: int = 64, val_fraction: float = 0.05,
+              batch_size: int = 32, eval_batch_size: int | None = None,
+              max_documents: int | None = None) -> tuple[DataLoader, DataLoader]:
+    """Unlabeled English sentences for sentence encoders: the text (local ``files``, an HF ``dataset`` (needs the
+    network), or by default Python's reference documentation, offline) split into sentences (``split_sentences``:
+    ``min_words`` to ``max_words`` words), each token row kept once; a seeded ``val_fraction`` of them held out (no
+    row is in both splits). Tokenized with ``tokenizer`` (default: the pretrained model's own; for a model built
+    from a config, a WordPiece tokenizer trained on the text) as ``[CLS] sentence [SEP]``, cut to ``seq_len``
+    tokens, padded per batch. The eval loader is not shuffled."""
+    _check_text_spec(spec, "embedding", "sentences")
+    if min_words < 1 or max_words < min_words or seq_len < 3:
+        raise ConfigError(f"data: need 1 <= min_words <= max_words (got {min_words}, {max_words}) and seq_len >= 3 "
+                          f"(got {seq_len})")
+    texts = _read_texts(files, dataset, dataset_config, text_column, max_documents)
+    tok = _tokenizer(tokenizer or spec.tokenizer, texts, spec)
+    length = min(seq_len, spec.max_length) - 2
+    found = split_sentences(texts, min_words, max_words)
+    ids = tok(found, add_special_tokens=False)["input_ids"] if found else []
+    # each token row once, so no held-out row is a training row (two sentences can tokenize or truncate alike)
+    rows = list(dict.fromkeys((tok.cls_token_id, *row[:length], tok.sep_token_id) for row in ids))
+    train, val = _split(rows, val_fraction, batch_size, "sentences")
+    train, val = ([{"input_ids": list(row)} for row in split] for split in (train, val))
+    return _loaders(train, val, batch_size, eval_batch_size, collate_fn=_pad_collate)
 
 
 GLUE_TEXT_KEYS = {"cola": ("sentence", None), "sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2"),

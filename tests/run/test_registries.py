@@ -21,6 +21,8 @@ SMALL_MODELS = {
     "bert_classifier": {"config": "tiny", "num_labels": 3},
     "seq2seq": {"arch": "t5", "config": "tiny", "vocab_size": 512},
     "prefix_lm": {"config": "tiny", "vocab_size": 512},
+    "sentence_encoder": {"config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                    "intermediate_size": 64, "vocab_size": 512}},
 }
 
 
@@ -45,6 +47,9 @@ def test_every_model_trains_a_step_on_synthetic_batches_of_its_spec(name):
         assert outputs.logits.shape == (4, 16, spec.vocab_size) and (batch["labels"] != -100).any()
     elif spec.task == "seq2seq":
         assert outputs.logits.shape == (4, 4, spec.vocab_size)
+    elif spec.task == "embedding":  # no labels; the embeddings are unit vectors
+        assert "labels" not in batch and outputs.last_hidden_state.shape == (4, 16, 32)
+        torch.testing.assert_close(model.embeddings(outputs, batch).norm(dim=1), torch.ones(4))
     else:
         assert outputs.logits.shape == (4, 3)
 
