@@ -9,6 +9,7 @@ from composer.algorithms.warnings import NoEffectWarning
 from algos.factorize import Factorize, FactorizedConv1d, FactorizedConv2d, FactorizedLinear, apply_factorization
 from algos.fff import FFF, FFFReplace, FFFTraining, apply_fff
 from algos.fnet import FNetMixing, FourierMixing, apply_fnet_mixing
+from algos.heal import SelfDistillation, distill
 from algos.surgery import SkipModule, SurgeryAlgorithm, SurgeryReport, apply_surgery, load_model, select_targets
 from algos.surgery.example import SwapLinear, apply_swap_linear
 
@@ -19,4 +20,5 @@ __all__ = [
     "Factorize", "apply_factorization", "FactorizedLinear", "FactorizedConv1d", "FactorizedConv2d",
     "FFFReplace", "apply_fff", "FFF", "FFFTraining",
     "FNetMixing", "apply_fnet_mixing", "FourierMixing",
+    "SelfDistillation", "distill",
 ]

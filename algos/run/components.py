@@ -17,7 +17,7 @@ import torch
 from composer.core import Algorithm
 from composer.loggers import ConsoleLogger, FileLogger, WandBLogger
 
-from algos import Factorize, FFFReplace, FFFTraining, FNetMixing, SwapLinear
+from algos import Factorize, FFFReplace, FFFTraining, FNetMixing, SelfDistillation, SwapLinear
 from algos.run.registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
@@ -48,6 +48,7 @@ ALGORITHMS.register("fff", FFFReplace)
 ALGORITHMS.register("fff_training", FFFTraining)  # the trees' training aids alone (FFFReplace includes them)
 ALGORITHMS.register("fnet", FNetMixing)
 ALGORITHMS.register("swap_linear", SwapLinear)
+ALGORITHMS.register("self_distillation", SelfDistillation)  # healing: distills from the model before surgery
 for _name in composer.algorithms.__all__:
     _class = getattr(composer.algorithms, _name)
     if isinstance(_class, type) and issubclass(_class, Algorithm):

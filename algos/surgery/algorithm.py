@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-from typing import ClassVar
+from typing import ClassVar, Protocol, runtime_checkable
 
 from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
@@ -22,6 +22,15 @@ log = logging.getLogger(__name__)
 
 # Key of a SurgeryAlgorithm's checkpoint entry holding [(fqn, weightless copy of the new module), ...].
 RECORD_KEY = "algos_surgery_record"
+
+
+@runtime_checkable
+class BeforeSurgery(Protocol):
+    """An algorithm that wants to see the model right before a surgery rewrites it (``SelfDistillation`` copies it
+    as its teacher): every ``SurgeryAlgorithm`` calls ``before_surgery(state)`` on those in ``state.algorithms``,
+    whatever their order in the list, right before its surgery."""
+
+    def before_surgery(self, state: State) -> None: ...
 
 
 class SurgeryAlgorithm(Algorithm):
@@ -116,6 +125,9 @@ class SurgeryAlgorithm(Algorithm):
             self._log_reports(logger)
             return
         self._done = True
+        for algorithm in state.algorithms:
+            if isinstance(algorithm, BeforeSurgery):
+                algorithm.before_surgery(state)
         calibration = _dataloader_batches(state, self.calibration_needed) if self.calibration_needed else None
         before = meta_copy(state.model) if event == Event.INIT else None  # a checkpoint may load after INIT
         report = self.surgery(state.model, optimizers=state.optimizers, calibration=calibration)

@@ -17,6 +17,7 @@ with it the hook) happens even if the resuming script never imports ``algos`` it
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import logging
 import os
@@ -32,6 +33,10 @@ from algos.surgery.skeleton import materialize
 from algos.surgery.targets import SURGERY_MARKER, converted_by
 
 log = logging.getLogger(__name__)
+
+# Key of a checkpoint entry naming, as "module:qualname", a class with ``from_state_dict(entry)`` that rebuilds the
+# algorithm (SelfDistillation: settings and teacher) when a resumed run was not given it again.
+REBUILD_KEY = "algos_rebuild"
 
 
 class ReplayedSurgery(Algorithm):
@@ -181,6 +186,22 @@ def _checkpoint_prefix(model: nn.Module, saved_keys, recorded: list[str]) -> str
     return max(sorted(candidates), key=fit)
 
 
+def rebuild_missing_algorithms(state: State, entries: list, exclude_algorithms: list[str] | None = None) -> None:
+    """Append to ``state.algorithms`` each checkpointed algorithm with a ``REBUILD_KEY`` that the resumed run was
+    not given again (by class name); Composer then loads its state into it like any other algorithm's."""
+    present = {type(algorithm).__qualname__ for algorithm in state.algorithms}
+    for name, entry in entries:
+        if not isinstance(entry, dict) or REBUILD_KEY not in entry or name in present:
+            continue
+        if exclude_algorithms and name in exclude_algorithms:
+            continue
+        module, qualname = entry[REBUILD_KEY].split(":")
+        algorithm = getattr(importlib.import_module(module), qualname).from_state_dict(entry)
+        state.algorithms.append(algorithm)
+        present.add(name)
+        log.info("Rebuilt %s from the checkpoint", entry["repr"])
+
+
 def install() -> None:
     """Wrap Composer's re-application of required algorithms so it replays our recorded surgeries first."""
     original = State._apply_required_algorithms
@@ -189,6 +210,8 @@ def install() -> None:
 
     def _apply_required_algorithms(self, state_dict, logger, exclude_algorithms=None, algorithm_passes=None):
         entries = state_dict.get("algorithms")
+        if isinstance(entries, list):
+            rebuild_missing_algorithms(self, entries, exclude_algorithms)
         if isinstance(entries, list) and any(is_surgery_entry(entry) for entry in entries):
             replay_recorded_surgery(self, [e for e in entries if is_surgery_entry(e)], exclude_algorithms)
             # Composer must not try its eval-by-name on our entries.

@@ -1,0 +1,231 @@
+"""Self-distillation: the loss, the hidden-state capture at named module boundaries, and the functional loop
+``distill``.
+
+The loss (TinyBERT's per-layer hidden-state MSE plus Hinton et al.'s temperature-softened KL on the logits)::
+
+    L = hidden_weight * 1/|B| * sum_{b in B} MSE(h_b^student, h_b^teacher)
+      + logit_weight  * T^2 * KL(softmax(z^teacher / T) || softmax(z^student / T))    (only if the model has logits)
+      + task_weight   * L_task                                                          (the model's own loss)
+
+B: the boundary modules both models share, matched by name (their outputs, read with forward hooks); MSE is the
+mean over every element; the KL is summed over the classes / vocabulary and averaged over the rows (every position
+of a sequence output is a row). The T^2 keeps the logit gradients' scale independent of T (Hinton et al., 2015).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from composer.models import ComposerModel
+from torch import nn
+
+from algos.heal.config import DistillConfig
+from algos.surgery.batches import eval_mode, map_tensors
+from algos.surgery.targets import name_matches
+
+
+def boundary_names(model: nn.Module, layers=None) -> list[str]:
+    """The modules whose outputs are matched: those ``layers`` names (a list of names or '.suffix'es, or a regex,
+    PEFT's rule), or by default the children of the first ``nn.ModuleList`` in ``model`` (a transformer's layers:
+    HF ``encoder.layer.N``, ``nn.TransformerEncoder``'s ``layers.N``). Outermost matches only."""
+    if layers is None:
+        for fqn, module in model.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module):
+                return [f"{fqn}.{name}" if fqn else name for name, _ in module.named_children()]
+        return []
+    names = []
+    for fqn, _ in model.named_modules():
+        if fqn and name_matches(fqn, layers) and not any(fqn.startswith(outer + ".") for outer in names):
+            names.append(fqn)
+    return names
+
+
+class HiddenCapture:
+    """Forward hooks keeping the latest output tensor of each named module (the first element of a tuple or an HF
+    output). ``attach`` (re)hooks the modules now at those names, so a module a surgery replaced is followed."""
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._hooked: dict[str, tuple[nn.Module, object]] = {}
+
+    def attach(self, model: nn.Module) -> None:
+        for name in self.names:
+            module = model.get_submodule(name)
+            hooked = self._hooked.get(name)
+            if hooked is not None and hooked[0] is module:
+                continue
+            if hooked is not None:
+                hooked[1].remove()
+            self._hooked[name] = (module, module.register_forward_hook(self._keeper(name)))
+
+    def detach(self) -> None:
+        for _, handle in self._hooked.values():
+            handle.remove()
+        self._hooked.clear()
+        self.outputs.clear()
+
+    def _keeper(self, name: str):
+        def hook(module, args, output):
+            tensor = first_tensor_of(output)
+            if tensor is not None:
+                self.outputs[name] = tensor
+        return hook
+
+
+def first_tensor_of(output) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output:
+        return first_tensor_of(output[0])
+    if isinstance(output, dict) and output:  # HF ModelOutput is an OrderedDict
+        return first_tensor_of(next(iter(output.values())))
+    return None
+
+
+def logits_of(output) -> torch.Tensor | None:
+    """A model output's logits: a tensor output is taken as the logits, else an HF output's ``logits``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else None
+
+
+def matched_boundaries(student: nn.Module, teacher: nn.Module, config: DistillConfig) -> list[str]:
+    """The boundary names, found in the teacher (the architecture before surgery: a surgery may add module lists of
+    its own to the student), each of which the student must have too. One-line errors, before any training:
+    ``layers`` that name nothing, a teacher boundary the student lacks, a teacher sharing no module with the
+    student."""
+    if config.hidden_weight == 0:
+        return []
+    names = boundary_names(teacher, config.layers)
+    if config.layers is not None and not names:
+        raise config.error(f"layers={config.layers!r} names no module of the teacher.")
+    student_modules = dict(student.named_modules())
+    missing = [name for name in names if name not in student_modules]
+    if missing:
+        raise config.error(f"the student has no module {missing[0]!r} (a boundary of the teacher; {len(missing)} of "
+                           f"{len(names)} missing); pass the student's own model before surgery as teacher, or "
+                           f"layers= naming modules both have.")
+    own = boundary_names(student, config.layers)
+    if not names and own and not (set(student_modules) & {fqn for fqn, _ in teacher.named_modules() if fqn}):
+        raise config.error(f"the teacher has no module {own[0]!r} (a student boundary) and shares no module name "
+                           f"with the student; pass the student's own model before surgery as teacher.")
+    return names
+
+
+def distillation_loss(student_output, teacher_output, student_hidden: dict, teacher_hidden: dict,
+                      config: DistillConfig) -> torch.Tensor:
+    """hidden_weight * mean_b MSE(h_b^s, h_b^t) + logit_weight * T^2 * KL(softmax(z^t/T) || softmax(z^s/T)): see
+    the module docstring. Raises a one-line error when there is neither a hidden state nor logits to match."""
+    terms = []
+    if config.hidden_weight > 0:
+        shared = [name for name in student_hidden if name in teacher_hidden]
+        for name in shared:
+            s, t = student_hidden[name], teacher_hidden[name]
+            if s.shape != t.shape:
+                raise config.error(f"boundary {name!r} gives a {tuple(s.shape)} output in the student but "
+                                   f"{tuple(t.shape)} in the teacher; name boundaries of equal width in layers=.")
+        if shared:
+            mse = torch.stack([F.mse_loss(student_hidden[n].float(), teacher_hidden[n].float()) for n in shared])
+            terms.append(config.hidden_weight * mse.mean())
+    student_logits, teacher_logits = logits_of(student_output), logits_of(teacher_output)
+    if config.logit_weight > 0 and student_logits is not None and teacher_logits is not None:
+        T = config.temperature
+        s = F.log_softmax(student_logits.float().reshape(-1, student_logits.shape[-1]) / T, dim=-1)
+        t = F.log_softmax(teacher_logits.float().reshape(-1, teacher_logits.shape[-1]) / T, dim=-1)
+        kl = F.kl_div(s, t, log_target=True, reduction="batchmean")  # sum_c p_t (log p_t - log p_s), mean over rows
+        terms.append(config.logit_weight * T * T * kl)
+    if not terms:
+        raise config.error("the model gives no hidden states at matched boundaries and no logits: nothing to "
+                           "distill; name the boundary modules with layers= (e.g. a regex such as "
+                           "'.*layer\\.\\d+').")
+    return torch.stack(terms).sum()
+
+
+def call(model: nn.Module, batch):
+    """A forward pass: a ComposerModel takes the batch whole, a plain module a tensor, tuple or dict (HF kwargs)."""
+    if isinstance(model, ComposerModel) or isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, dict):
+        return model(**batch)
+    return model(*batch)
+
+
+def task_loss(model: nn.Module, output, batch) -> torch.Tensor | None:
+    if isinstance(model, ComposerModel):
+        loss = model.loss(output, batch)
+    else:
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    if isinstance(loss, dict):
+        loss = loss.get("total", sum(loss.values()))
+    elif isinstance(loss, (tuple, list)):
+        loss = sum(loss)
+    return loss if isinstance(loss, torch.Tensor) else None
+
+
+def teacher_bytes(teacher: nn.Module) -> int:
+    """The teacher's memory: its parameters and buffers, in bytes."""
+    return sum(t.numel() * t.element_size() for t in itertools.chain(teacher.parameters(), teacher.buffers()))
+
+
+def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, *, steps: int, lr: float = 1e-4,
+            hidden_weight: float = 1.0, logit_weight: float = 1.0, temperature: float = 2.0, layers=None,
+            task_weight: float = 0.0, weight_decay: float = 0.0) -> list[float]:
+    """Train ``student`` in place for ``steps`` AdamW steps to match ``teacher`` (frozen, eval mode, never changed)
+    on ``batches`` (model inputs: dicts of tensors for HF models, tuples or tensors otherwise; cycled when shorter
+    than ``steps``), and return the loss of every step. The loss is in this module's docstring; ``task_weight`` 0
+    is pure distillation, so the batches need no labels. Bad input (boundaries the teacher lacks, a model with
+    neither hidden states nor logits, a model without its own loss when task_weight > 0) is a one-line
+    ``SurgeryError`` raised before the first step, with nothing changed."""
+    config = DistillConfig.build(hidden_weight=hidden_weight, logit_weight=logit_weight, temperature=temperature,
+                                 layers=layers, task_weight=task_weight)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise config.error(f"steps={steps!r} must be an int >= 1.")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise config.error(f"lr={lr!r} must be a number > 0.")
+    if teacher is student:
+        raise config.error("teacher is the student itself; pass a copy (copy.deepcopy(model) before surgery).")
+    names = matched_boundaries(student, teacher, config)
+    device = next(itertools.chain(student.parameters(), student.buffers())).device
+    teacher.to(device)
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    student_capture, teacher_capture = HiddenCapture(names), HiddenCapture(names)
+    student_capture.attach(student)
+    teacher_capture.attach(teacher)
+    optimizer = None
+    history: list[float] = []
+    student.train()
+    try:
+        stream = itertools.cycle(batches)
+        for _ in range(steps):
+            batch = map_tensors(next(stream), lambda tensor: tensor.to(device))
+            with torch.no_grad(), eval_mode(teacher):
+                teacher_output = call(teacher, batch)
+            student_output = call(student, batch)
+            loss = distillation_loss(student_output, teacher_output, student_capture.outputs,
+                                     teacher_capture.outputs, config)
+            if config.task_weight > 0:
+                own = task_loss(student, student_output, batch)
+                if own is None:
+                    raise config.error(f"task_weight={task_weight!r} needs the model's own loss, and the model "
+                                       "returned none (batches without labels?); use task_weight=0.")
+                loss = loss + config.task_weight * own
+            if not math.isfinite(float(loss)):
+                raise FloatingPointError(f"SelfDistillation: the loss became {float(loss)} at step {len(history)}")
+            if optimizer is None:  # built after the first loss: an error above leaves nothing changed
+                optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr,
+                                              weight_decay=weight_decay)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            history.append(float(loss))
+    finally:
+        student_capture.detach()
+        teacher_capture.detach()
+    return history
