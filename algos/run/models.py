@@ -344,6 +344,11 @@ class _Outside:
     def __deepcopy__(self, memo):
         return self
 
+    def __getstate__(self):
+        # Not pickled: a pickled copy of the model (SelfDistillation's teacher record in a checkpoint) would carry a
+        # second full set of weights. A model rebuilt by the runner makes its own reference again.
+        return {"module": None}
+
 
 class SentenceEncoder(HuggingFaceModel):
     """An HF encoder (``BertModel``) as a sentence encoder: ``forward`` returns the encoder's outputs,
@@ -367,6 +372,9 @@ class SentenceEncoder(HuggingFaceModel):
     def original_embeddings(self, batch) -> torch.Tensor:
         """The embeddings of the encoder as built (the reference the eval metrics compare against)."""
         net = self.original.module
+        if net is None:
+            raise RuntimeError("this sentence_encoder was unpickled without its reference encoder; build it with "
+                               "the runner's model builder to evaluate it against the original")
         device = batch["input_ids"].device
         if next(net.parameters()).device != device:
             net.to(device)

@@ -226,3 +226,14 @@ def test_shipped_yaml_runs_two_batches_offline_untouched(offline, tmp_path):
     assert summary["batches"] == 2 and summary["final_train_loss"] == 0
     assert summary["metrics"]["EmbeddingCosine"] == pytest.approx(1, abs=1e-5)
     assert summary["metrics"]["SimilaritySpearman"] == pytest.approx(1, abs=1e-5)
+
+
+def test_a_pickled_copy_does_not_carry_the_reference_weights():
+    import pickle
+
+    from algos.run.models import MODELS
+
+    model = MODELS.build("sentence_encoder", {"config": "tiny"}, "model")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert len(pickle.dumps(model)) < 1.5 * weights  # one set of weights, not two
+    assert pickle.loads(pickle.dumps(model)).original.module is None
