@@ -241,16 +241,14 @@ class FactorizeSurgery(Surgery):
                 targets = block.dense(rows.to(block.dense.fc1.weight.dtype))
             result = fit_to_outputs(pair, rows, targets, steps=self.config.fit_steps, lr=self.config.fit_lr,
                                     forward=lambda x, pair=pair, act=block.dense.activation: pair[1](act(pair[0](x))))
-            notes.update({"block": block.name,
-                          "block_fit_error_before": round(result.before, 4),
-                          "block_fit_error_after": round(result.after, 4)})
+            notes.update({"block": block.name, **result.notes("block_fit_")})
         waiting = {b.first for b in self.blocks}
         for fqn in self.replacements:
             if fqn not in waiting:
                 self.plans[fqn].inputs = None
         return notes
 
-    def fit(self, plan: LayerPlan, layer: nn.Module, new: nn.Module) -> dict[str, float]:
+    def fit(self, plan: LayerPlan, layer: nn.Module, new: nn.Module) -> dict[str, float | str]:
         """Train ``new`` to reproduce ``layer`` on its kept calibration rows (``algos.surgery.fit``), both read as
         matrices on rows of W's input space (im2col patches for a convolution); the held-out relative errors."""
         rows = plan.inputs
@@ -263,9 +261,8 @@ class FactorizeSurgery(Surgery):
             bias = None if new.second.bias is None else new.second.bias.reshape(-1)
             return F.linear(F.linear(x, new.first.weight.flatten(1)), new.second.weight.flatten(1), bias)
 
-        result = fit_to_outputs(new, rows, targets, steps=self.config.fit_steps, lr=self.config.fit_lr,
-                                forward=forward)
-        return {"fit_error_before": round(result.before, 4), "fit_error_after": round(result.after, 4)}
+        return fit_to_outputs(new, rows, targets, steps=self.config.fit_steps, lr=self.config.fit_lr,
+                              forward=forward).notes()
 
 
 @dataclass

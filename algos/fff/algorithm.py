@@ -142,13 +142,12 @@ class FFFSurgery(Surgery):
             notes["init"] = "scratch (calibration never reached it)"
         return block.rewrite(fff, fqn, notes)
 
-    def fit(self, fff: FFF, block: Block, inputs: torch.Tensor) -> dict[str, float]:
+    def fit(self, fff: FFF, block: Block, inputs: torch.Tensor) -> dict[str, float | str]:
         """Train ``fff`` to reproduce ``block.dense`` on ``inputs`` (``algos.surgery.fit``); the held-out relative
         errors before and after, for the report."""
         with torch.no_grad():
             targets = block.dense(inputs.to(block.dense.fc1.weight.dtype))
-        result = fit_to_outputs(fff, inputs, targets, steps=self.config.fit_steps, lr=self.config.fit_lr)
-        return {"fit_error_before": round(result.before, 4), "fit_error_after": round(result.after, 4)}
+        return fit_to_outputs(fff, inputs, targets, steps=self.config.fit_steps, lr=self.config.fit_lr).notes()
 
     def activation_for(self, block: Block) -> str | nn.Module:
         """The tree's activation: ``activation``, else the block's own (GELU for a lone Linear)."""

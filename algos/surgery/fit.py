@@ -4,7 +4,10 @@ calibration inputs, while the old module is still alive (inside the surgery, bef
 This is the first half of "healing" (block reconstruction as in BRECQ, attention transfer in LoLCATs): an MSE between
 the new module's output and the old one's on the same input rows, minimised with Adam for ``steps`` steps of
 ``batch_tokens`` rows. The error reported is relative, ||f(x) - y|| / ||y||, measured on rows held out from the fit
-(``held_out``, 10% by default), so "fitting lowers the error" is measured on rows the fit never saw.
+(``held_out``, 10% by default), so "fitting lowers the error" is measured on rows the fit never saw. When fitting
+raises that error (a learning rate too high for the data, or an init already optimal for these rows, as Factorize's
+whitened SVD), the fit is undone: the module keeps its parameters from before (``FitResult.kept`` is False). Buffers
+(e.g. an FFF's leaf usage counter) are restored either way: fitting changes parameters only.
 
 Modes: the module is fitted in train mode (the mode it is in when training follows the surgery: for an FFF leaf tree
 that is its soft mixture; a neuron tree takes its hard path in both modes) and both errors are measured in eval mode
@@ -26,10 +29,21 @@ HELD_OUT = 0.1
 
 
 class FitResult(NamedTuple):
-    """Relative output error on the held-out rows before and after fitting (eval mode)."""
+    """Relative output error on the held-out rows (eval mode) before and after fitting, and whether the fitted
+    parameters were kept (False: the error rose, so the fit was undone)."""
 
     before: float
     after: float
+    kept: bool = True
+
+    def notes(self, prefix: str = "fit_") -> dict[str, float | str]:
+        """The report notes: ``{prefix}error_before`` / ``{prefix}error_after`` (rounded), and ``{prefix}undone``
+        when the fit was undone."""
+        notes: dict[str, float | str] = {f"{prefix}error_before": round(self.before, 4),
+                                         f"{prefix}error_after": round(self.after, 4)}
+        if not self.kept:
+            notes[f"{prefix}undone"] = "the held-out error rose, the parameters from before are kept"
+        return notes
 
 
 def check_fit_settings(fit_steps, fit_lr, error: Callable[[str], Exception]) -> None:
@@ -56,7 +70,8 @@ def fit_to_outputs(
     (tokens, out)); ``forward`` defaults to ``module``. Returns the held-out relative errors before and after.
 
     ``held_out`` of the rows (at least one, when there are two or more) are kept aside; with ``steps=0`` nothing is
-    trained and both errors are the same. The module is left in the mode it came in, its gradients cleared."""
+    trained and both errors are the same. If the error rose, the parameters from before are put back. The module is
+    left in the mode it came in, its buffers as they were, its gradients cleared."""
     forward = module if forward is None else forward
     parameters = [p for p in module.parameters() if p.requires_grad]
     dtype = parameters[0].dtype if parameters else inputs.dtype
@@ -69,13 +84,23 @@ def fit_to_outputs(
     was_training = module.training
     try:
         before = _relative_error(module, forward, x[test], y[test])
-        if steps > 0 and parameters:
-            _train(module, forward, parameters, x[train], y[train], steps=steps, lr=lr,
-                   batch=min(batch_tokens, len(train)), generator=generator, seed=seed)
-        after = _relative_error(module, forward, x[test], y[test]) if steps > 0 else before
+        if steps == 0 or not parameters:
+            return FitResult(before, before)
+        saved = [p.detach().clone() for p in parameters]
+        buffers = [(b, b.detach().clone()) for b in module.buffers()]
+        _train(module, forward, parameters, x[train], y[train], steps=steps, lr=lr,
+               batch=min(batch_tokens, len(train)), generator=generator, seed=seed)
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
+            after = _relative_error(module, forward, x[test], y[test])
+            kept = after <= before
+            if not kept:
+                for parameter, value in zip(parameters, saved, strict=True):
+                    parameter.copy_(value)
     finally:
         module.train(was_training)
-    return FitResult(before, after)
+    return FitResult(before, after, kept)
 
 
 def _train(module, forward, parameters, x, y, *, steps, lr, batch, generator, seed) -> None:

@@ -118,3 +118,13 @@ def test_bert_feed_forward_pairs_are_fitted_as_blocks():
     assert set(blocks) == {f"encoder.layer.{i}.intermediate" for i in range(2)}
     for notes in blocks.values():
         assert notes["block_fit_error_after"] < 0.85 * notes["block_fit_error_before"], notes
+
+
+@pytest.mark.parametrize("pass_algorithm_again", [False, True])
+def test_resume_with_fitting_is_bit_exact(composer_model_factory, train_dataloader, tmp_path, pass_algorithm_again):
+    from algos import Factorize
+    from tests.surgery import test_composer
+
+    test_composer.test_resume_is_bit_exact(composer_model_factory, train_dataloader, tmp_path,
+                                           lambda: Factorize(rank=4, min_features=1, fit_steps=50),
+                                           pass_algorithm_again)

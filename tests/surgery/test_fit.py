@@ -94,3 +94,32 @@ def test_fitted_in_train_mode_measured_in_eval_mode():
     module.eval()
     fit_to_outputs(module, x, y, steps=3, lr=1e-2)
     assert module.modes == [False, True, True, True, False]
+
+
+def test_a_fit_that_raises_the_held_out_error_is_undone():
+    x, y = teacher_and_rows()
+    module = student()
+    before = [p.detach().clone() for p in module.parameters()]
+    result = fit_to_outputs(module, x, y, steps=20, lr=100.0)
+    assert result.after > result.before and not result.kept
+    assert all(torch.equal(p, b) for p, b in zip(module.parameters(), before, strict=True))
+    assert result.notes()["fit_undone"].startswith("the held-out error rose")
+    kept = fit_to_outputs(student(), x, y, steps=20, lr=1e-2)
+    assert kept.kept and "fit_undone" not in kept.notes() and set(kept.notes("block_")) == {
+        "block_error_before", "block_error_after"}
+
+
+def test_buffers_are_left_as_they_were():
+    x, y = teacher_and_rows()
+
+    class Counting(nn.Linear):
+        def forward(self, rows):
+            if self.training:
+                self.calls += 1
+            return super().forward(rows)
+
+    torch.manual_seed(1)
+    module = Counting(8, 4)
+    module.register_buffer("calls", torch.zeros((), dtype=torch.long))
+    result = fit_to_outputs(module, x, y, steps=10, lr=1e-2)
+    assert result.kept and int(module.calls) == 0
