@@ -125,6 +125,12 @@ class FFF(nn.Module):
             nn.init.uniform_(self.leaf_out, -bound_leaf, bound_leaf)
             nn.init.uniform_(self.leaf_out_bias, -bound_leaf, bound_leaf)
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out ``last_entropy``: a value of the last forward, part of its autograd graph
+        (``copy.deepcopy`` refuses such tensors: deep-copying a leaf-form tree after a soft training forward, e.g.
+        the surgery's weightless record after ``fit_steps``, failed)."""
+        return {**super().__getstate__(), "last_entropy": None}
+
     @property
     def soft(self) -> bool:
         """True when this forward mixes leaves softly (leaf form, training, not in the hard-training phase)."""

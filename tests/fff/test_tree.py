@@ -1,7 +1,9 @@
 """The FFF module: soft mixture, hard descent against a per-token reference, fast paths against the dense
 reference path, the mirrored-neuron fix, hardening, counters."""
 
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -238,3 +240,17 @@ def test_leaf_form_matches_the_fastfeedforward_package():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FFF(8, 8, **kwargs)
+
+
+def test_leaf_tree_copies_and_pickles_after_a_soft_training_forward():
+    """``last_entropy`` holds part of the last forward's graph; copies leave it out (deepcopy refused it: a surgery
+    record after fit_steps on leaf-form trees failed), the original keeps it for the hardening loss."""
+    tree = FFF(8, 8, depth=2, form="leaf", leaf_width=4).train()
+    x = torch.randn(5, 8)
+    tree(x)
+    assert tree.last_entropy is not None and tree.last_entropy.requires_grad
+    for twin in (copy.deepcopy(tree), pickle.loads(pickle.dumps(tree))):
+        assert twin.last_entropy is None
+        assert torch.equal(twin.eval()(x), tree.eval()(x))
+        tree.train()
+    assert tree.last_entropy is not None
