@@ -31,6 +31,7 @@ class SelfDistillation(Algorithm):
     """Adds the self-distillation loss (``algos.heal.distill``) to the training loss at ``Event.AFTER_LOSS``::
 
         loss = task_weight * loss + hidden_weight * mean_b MSE(h_b, h_b^teacher) + logit_weight * T^2 * KL(...)
+               + embedding_weight * mean_i (1 - cos(e_i, e_i^teacher))
 
     The teacher is frozen and never part of ``state.model`` (so DDP never wraps it); it runs on the same batch under
     ``torch.no_grad`` in eval mode, on the student's device. Which teacher:
@@ -138,7 +139,7 @@ class SelfDistillation(Algorithm):
         with torch.no_grad(), get_precision_context(state.precision):
             teacher_output = call(self.teacher, state.batch)
         extra = distillation_loss(state.outputs, teacher_output, self._student.outputs, self._teacher_capture.outputs,
-                                  self.config)
+                                  self.config, state.batch)
         self._student.outputs.clear()
         self._teacher_capture.outputs.clear()
         weight = self.config.task_weight

@@ -19,18 +19,21 @@ class DistillConfig(SurgeryConfig):
     layers: ModuleNames = setting(None, "the boundary modules whose outputs are matched: a list of names or "
                                         "'.suffix'es, or a regex (fullmatch); None: the children of the first "
                                         "nn.ModuleList (every transformer layer)")
+    embedding_weight: float = setting(0.0, "weight of 1 - cosine between the student's and the teacher's sentence "
+                                           "embeddings (the attention-mask weighted mean of the final hidden state, "
+                                           "sentence-transformers' mean pooling)")
     task_weight: float = setting(0.0, "weight of the model's own loss (0: pure distillation, no labels needed)")
 
     def check(self) -> None:
-        for name in ("hidden_weight", "logit_weight", "task_weight"):
+        for name in ("hidden_weight", "logit_weight", "embedding_weight", "task_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise self.error(f"{name}={value!r} must be a number >= 0.")
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
                 or self.temperature <= 0:
             raise self.error(f"temperature={self.temperature!r} must be a number > 0.")
-        if self.hidden_weight == 0 and self.logit_weight == 0:
-            raise self.error("hidden_weight and logit_weight are both 0: nothing to distill.")
+        if self.hidden_weight == 0 and self.logit_weight == 0 and self.embedding_weight == 0:
+            raise self.error("hidden_weight, logit_weight and embedding_weight are all 0: nothing to distill.")
         try:
             check_names_argument(self.layers, "layers")
         except (TypeError, ValueError) as bad:

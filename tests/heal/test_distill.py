@@ -6,11 +6,12 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import BertForMaskedLM
+from transformers import BertForMaskedLM, BertModel
 
 from algos import apply_fnet_mixing, distill
 from algos.heal import DistillConfig, boundary_names, distillation_loss
-from algos.heal.distill import HiddenCapture, call
+from algos.heal.distill import HiddenCapture, call, learning_rate_factor, sentence_embeddings
+from algos.run.models import mean_pool
 from algos.surgery import SurgeryError
 from tests.models import tiny_bert_config
 
@@ -93,6 +94,68 @@ def test_task_loss_is_added_when_weighted():
     assert pure == pytest.approx(0.0, abs=1e-6) and with_task > 1.0  # the MLM loss of a random model, about ln(100)
 
 
+def test_embedding_term_is_one_minus_the_cosine_of_mean_pooled_sentence_embeddings():
+    torch.manual_seed(0)
+    teacher = BertModel(tiny_bert_config()).eval()
+    student = fnet_student(teacher).eval()
+    batch = unlabeled(1)[0]
+    batch["attention_mask"][:, 11:] = 0  # padded rows: the pads must not count
+    batch["attention_mask"][0, 5:] = 0
+    with torch.no_grad():
+        student_output, teacher_output = call(student, batch), call(teacher, batch)
+        loss = distillation_loss(student_output, teacher_output, {}, {},
+                                 DistillConfig(hidden_weight=0, logit_weight=0, embedding_weight=2.0), batch)
+    # reference: sentence-transformers' pooling (the runner's mean_pool), then the cosine of the unit vectors
+    mask = batch["attention_mask"]
+    cosine = (mean_pool(student_output.last_hidden_state, mask)
+              * mean_pool(teacher_output.last_hidden_state, mask)).sum(-1)
+    assert loss.item() == pytest.approx(2.0 * (1 - cosine).mean().item(), rel=1e-5)
+    assert loss.item() > 1e-3
+    pads_changed = {**batch, "input_ids": batch["input_ids"].clone()}
+    pads_changed["input_ids"][:, 11:] = 7  # the pads do not count: BERT's embeddings of the real tokens are unchanged
+    with torch.no_grad():
+        assert torch.allclose(sentence_embeddings(call(teacher, pads_changed), pads_changed),
+                              sentence_embeddings(teacher_output, batch), atol=1e-5)
+
+
+def test_embedding_only_distillation_trains():
+    torch.manual_seed(0)
+    teacher = BertModel(tiny_bert_config())
+    student = fnet_student(teacher)
+    history = distill(student, teacher, unlabeled(2), steps=30, lr=3e-3, hidden_weight=0, embedding_weight=1.0)
+    assert history[0] > 0 and history[-1] < 0.5 * history[0]
+
+
+@pytest.mark.filterwarnings("ignore:The epoch parameter")  # SequentialLR, the reference, warns inside torch
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_learning_rate_schedule_equals_torchs_schedulers(schedule):
+    """Warm-up then decay, against torch's own schedulers chained the same way (SequentialLR)."""
+    steps, warmup = 20, 5
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    decay = {"constant": lambda o: torch.optim.lr_scheduler.ConstantLR(o, factor=1.0),
+             "linear": lambda o: torch.optim.lr_scheduler.LinearLR(o, 1.0, 0.0, total_iters=steps - warmup),
+             "cosine": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=steps - warmup)}[schedule]
+    reference = torch.optim.lr_scheduler.SequentialLR(
+        optimizer, [torch.optim.lr_scheduler.LinearLR(optimizer, 1 / warmup, 1.0, total_iters=warmup - 1),
+                    decay(optimizer)], milestones=[warmup])
+    expected = []
+    for _ in range(steps):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        reference.step()
+    ours = [learning_rate_factor(step, schedule=schedule, warmup=warmup, steps=steps) for step in range(steps)]
+    assert ours == pytest.approx(expected, abs=1e-6)
+
+
+def test_callback_sees_every_step_and_schedule_is_applied():
+    teacher = bert()
+    student = fnet_student(teacher)
+    seen = []
+    history = distill(student, teacher, unlabeled(2), steps=4, lr=1e-3, schedule="linear", warmup_steps=1,
+                      callback=lambda step, loss: seen.append((step, loss)))
+    assert seen == list(enumerate(history, start=1))
+
+
 class Features(nn.Module):
     """No module list and no logits: nothing a distillation could match."""
 
@@ -105,7 +168,8 @@ class Features(nn.Module):
 
 
 @pytest.mark.parametrize("case", ["teacher_without_the_boundaries", "no_hidden_states_or_logits", "layers_name_nothing",
-                                  "student_without_the_boundaries", "no_labels_for_the_task_loss"])
+                                  "student_without_the_boundaries", "no_labels_for_the_task_loss",
+                                  "embedding_without_a_final_hidden_state"])
 def test_bad_input_is_a_one_line_error_with_nothing_changed(case):
     student, batches, kwargs = bert(), unlabeled(1), {}
     teacher = copy.deepcopy(student)
@@ -120,6 +184,10 @@ def test_bad_input_is_a_one_line_error_with_nothing_changed(case):
         torch.manual_seed(0)
         student = BertForMaskedLM(tiny_bert_config(num_hidden_layers=2))
         message = "the student has no module 'bert.encoder.layer.2'"
+    elif case == "embedding_without_a_final_hidden_state":
+        student, batches = Features(), [torch.randn(2, 8)]
+        teacher = copy.deepcopy(student)
+        kwargs, message = {"embedding_weight": 1.0}, "embedding_weight=1.0 needs a final hidden state"
     else:
         kwargs, message = {"task_weight": 1.0}, "needs the model's own loss"
     before = weights(student)
@@ -132,7 +200,10 @@ def test_bad_input_is_a_one_line_error_with_nothing_changed(case):
 @pytest.mark.parametrize(("kwargs", "message"), [({"temperature": 0}, "temperature=0 must be a number > 0"),
                                                  ({"hidden_weight": -1}, "hidden_weight=-1 must be"),
                                                  ({"hidden_weight": 0, "logit_weight": 0}, "nothing to distill"),
-                                                 ({"steps": 0}, "steps=0 must be an int >= 1")])
+                                                 ({"steps": 0}, "steps=0 must be an int >= 1"),
+                                                 ({"schedule": "step"}, "schedule='step' is not one of 'constant'"),
+                                                 ({"warmup_steps": 1}, r"warmup_steps=1 must be an int in \[0, "
+                                                                       r"steps=1\)")])
 def test_bad_settings_are_one_line_errors(kwargs, message):
     model = bert()
     with pytest.raises(SurgeryError, match=message):
