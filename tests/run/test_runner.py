@@ -37,7 +37,12 @@ RECIPE_BASE = {"factorize.yaml": "resnet56_cifar10.yaml", "fff.yaml": "vit_cifar
                "fnet.yaml": "vit_cifar10.yaml", "fnet_hybrid.yaml": "bert_glue.yaml",
                "fast_bert.yaml": "bert_base_mlm.yaml", "fnet_encoder.yaml": "bart_span_corruption.yaml",
                "fnet_encoder_hybrid.yaml": "bart_span_corruption.yaml", "fnet_prefix_lm.yaml": "gpt2_prefix_lm.yaml",
-               "self_distill.yaml": "bert_base_mlm.yaml"}
+               "self_distill.yaml": "bert_base_mlm.yaml", "heal_factorize.yaml": "minilm_sentences.yaml",
+               "heal_fff.yaml": "minilm_sentences.yaml", "heal_fnet_hybrid.yaml": "minilm_sentences.yaml",
+               "heal_fnet.yaml": "minilm_sentences.yaml"}
+# Recipes whose fitting would dominate a two-batch smoke run: fewer fit steps (the fitting has its own tests).
+SMOKE_OVERRIDES = {"heal_factorize.yaml": ["algorithms.factorize.fit_steps=2"],
+                   "heal_fff.yaml": ["algorithms.fff.fit_steps=2"]}
 # The seq2seq / prefix-LM runs keep their own offline data (span corruption of Python's docs, built in a second),
 # with a short timed generation.
 REAL_DATA = {"bart_span_corruption.yaml", "gpt2_prefix_lm.yaml"}
@@ -50,7 +55,8 @@ def smoke_config(files, tmp_path, *extra):
     base = Path(files[0]).name
     paths = [str(ROOT / ("yamls" if i == 0 else "recipes") / f) for i, f in enumerate(files)]
     data = ["data.batch_size=2", "run.generate_tokens=4"] if base in REAL_DATA else [SYNTHETIC]
-    return load_config(paths, [*data, *TWO_BATCHES, *OFFLINE_MODEL.get(base, []), "run.name=t",
+    overrides = [item for name in files[1:] for item in SMOKE_OVERRIDES.get(Path(name).name, [])]
+    return load_config(paths, [*data, *TWO_BATCHES, *OFFLINE_MODEL.get(base, []), *overrides, "run.name=t",
                                f"run.dir={tmp_path / 'run'}", *extra])
 
 
