@@ -1,8 +1,9 @@
 """Healing benchmark (issue 16): surgery on the real pretrained all-MiniLM-L6-v2, then layer-wise fitting and
 self-distillation, scored on held-out sentences against the original model. Prints markdown.
 
-    .venv/bin/python benchmarks/heal.py                                  # --steps 100,300, every surgery
-    .venv/bin/python benchmarks/heal.py --steps 100,300,1000 --plot docs/heal.png
+    .venv/bin/python benchmarks/heal.py                                  # --steps 100,300,600,1000, every surgery
+    .venv/bin/python benchmarks/heal.py --surgeries FNet-Hybrid --save fnet_hybrid.json   # one surgery
+    .venv/bin/python benchmarks/heal.py --parts replot --results a.json,b.json --plot docs/heal.png
     .venv/bin/python benchmarks/heal.py --steps 2 --sentences 32 --fit-steps 5 --repeats 1   # smoke run, ~2 min
     .venv/bin/python benchmarks/heal.py --parts speed                    # FFF settings: encoder speed-ups only
 
@@ -11,16 +12,20 @@ The model is the runner's ``sentence_encoder`` (offline weights of the ``heal`` 
 and scored, never used for calibration, fitting or distillation; the training split gives the calibration batches
 and the unlabeled distillation batches (batch 16). Surgery and healing run on the ``BertModel`` inside the encoder.
 
-(a) heal: for each surgery (Factorize rank 0.25 init="activation"; FFF; FNet-Hybrid keeping the last 2 attention
-    layers; all-FNet), the mean cosine between each held-out sentence's embedding (mean-pooled, normalised, as
-    sentence-transformers) and the original model's, and the Spearman correlation of all pairwise similarities
-    against the original's: right after surgery, after fitting (``fit_steps``, Factorize and FFF), and after
-    fitting + pure distillation (``algos.distill``, teacher = a copy of the model before surgery, every layer's
-    hidden state) at each of ``--steps`` (cumulative: one run, scored at each count; ``distill`` is called once per
-    stretch, so AdamW restarts its moments at each count). Baselines, at the largest step count: distillation with
-    no fitting, and distillation of the last layer's hidden state only (``layers=["encoder.layer.5"]``). Wall time of
-    each healing phase (this CPU), and the encoder's forward speed-up at batch 32 x 128 against the original, timed
-    side by side (``algos.bench.time_forward``). ``--plot``: cosine against healing steps, one line per surgery.
+(a) heal: for each surgery (Factorize rank 0.25 init="activation"; FFF (``--fff``, default leaf form depth 2 x 384,
+    init="dense"); FNet-Hybrid keeping the last 2 attention layers; all-FNet), the mean cosine between each held-out
+    sentence's embedding (mean-pooled, normalised, as sentence-transformers) and the original model's, and the
+    Spearman correlation of all pairwise similarities against the original's: right after surgery, after fitting
+    (``fit_steps``, Factorize and FFF), and during one run of fitting + pure distillation (``algos.distill``,
+    teacher = a copy of the model before surgery) of max(``--steps``) steps, scored at each of ``--steps``. The
+    distillation recipe (``recipe``): AdamW at ``--lr`` with a 5% linear warm-up and cosine decay to 0 at the last
+    step, 1 - cosine of the mean-pooled sentence embeddings (``embedding_weight=1``), plus every layer's hidden-state
+    MSE for Factorize and FFF (``hidden_weight=1``; 0 for FNet, whose changed token mixing it holds back). Baselines,
+    at ``--baseline-steps``: the same recipe with no fitting; the plain loop of issue 16 (every layer's hidden-state
+    MSE only, constant lr); the last layer's hidden-state MSE only (``layers=["encoder.layer.5"]``), constant lr.
+    Wall time of each healing phase (this CPU, scoring excluded), and the encoder's forward speed-up at batch
+    32 x 128 against the original, timed side by side (``algos.bench.time_forward``). ``--plot``: cosine against
+    healing steps, one line per surgery.
 (b) speed: the encoder forward at batch 32 x 128, original vs every surgery and a few FFF settings (to choose one).
 (c) replot: with ``--results a.json,b.json``, the plot from the ``--save`` files of runs over subsets of the
     surgeries (``--surgeries``); without it, nothing.
@@ -39,6 +44,7 @@ from torch import nn
 
 from algos import apply_factorization, apply_fff, apply_fnet_mixing, distill
 from algos.bench import markdown_table, run_parts, time_forward
+from algos.fff import FFF
 from algos.run.data import DATA
 from algos.run.metrics import EmbeddingCosine, SimilaritySpearman
 from algos.run.models import MODELS, mean_pool
@@ -46,8 +52,16 @@ from algos.surgery import count_params
 
 TARGETS = {"Factorize 25%": 0.97, "FFF": 0.95, "FNet-Hybrid": 0.93, "all-FNet": 0.85}
 FFF_CHOICES = {"neuron8": dict(depth=8, form="neuron"), "neuron6": dict(depth=6, form="neuron"),
-               "leaf3x64": dict(depth=3, form="leaf", leaf_width=64), "leaf4x32": dict(depth=4, form="leaf",
-                                                                                      leaf_width=32)}
+               "leaf3x64": dict(depth=3, form="leaf", leaf_width=64),
+               "leaf4x32": dict(depth=4, form="leaf", leaf_width=32),
+               "leaf1x768": dict(depth=1, form="leaf", leaf_width=768),
+               "leaf2x384": dict(depth=2, form="leaf", leaf_width=384),
+               "leaf2x192": dict(depth=2, form="leaf", leaf_width=192)}
+
+
+def target_of(name: str) -> float:
+    """The issue's cosine target for a surgery's name (the FFF names carry their setting: "FFF leaf2x384")."""
+    return TARGETS["FFF" if name.startswith("FFF") else name]
 
 
 def surgeries(args) -> dict:
@@ -58,11 +72,20 @@ def surgeries(args) -> dict:
     return {
         "Factorize 25%": (lambda m, c, f: apply_factorization(m, rank=0.25, init="activation", calibration=c,
                                                               fit_steps=f, fit_lr=args.fit_lr), True),
-        "FFF": (lambda m, c, f: apply_fff(m, init="dense", calibration=c, fit_steps=f, fit_lr=args.fit_lr, **fff),
-                True),
+        "FFF": (lambda m, c, f: train_on_hard_path(apply_fff(m, init="dense", calibration=c, fit_steps=f,
+                                                             fit_lr=args.fit_lr, **fff), m), True),
         "FNet-Hybrid": (lambda m, c, f: apply_fnet_mixing(m, keep_attention_layers=[-2, -1], **fnet), False),
         "all-FNet": (lambda m, c, f: apply_fnet_mixing(m, **fnet), False),
     }
+
+
+def train_on_hard_path(report, model: nn.Module):
+    """Leaf-form trees train on the path they are evaluated on (one leaf per token, as ``FFFReplace``'s
+    ``hard_training_at``): the distilled function is the one scored, and a step costs a quarter of the leaves."""
+    for module in model.modules():
+        if isinstance(module, FFF):
+            module.hard_training = True
+    return report
 
 
 def load(args):
@@ -106,7 +129,7 @@ def speed_inputs(args) -> dict:
 
 
 class Run:
-    """One student: its score after each phase, and the healing wall time spent on it so far."""
+    """One student: its score after each phase, and the healing wall time spent on it so far (scoring excluded)."""
 
     def __init__(self, name: str, net: nn.Module, held_out: list[dict], reference: torch.Tensor):
         self.name, self.net, self.held_out, self.reference = name, net, held_out, reference
@@ -121,14 +144,27 @@ class Run:
         if steps is not None:
             self.curve.append((steps, cosine))
 
-    def heal(self, teacher, batches, counts: list[int], args, label: str, **options) -> None:
-        done = 0
-        for count in counts:
-            start = time.perf_counter()
-            distill(self.net, teacher, batches, steps=count - done, lr=args.lr, **options)
-            self.seconds += time.perf_counter() - start
-            done = count
-            self.record(f"{label} {count} steps", count)
+    def heal(self, teacher, batches, counts: list[int], label: str, **options) -> None:
+        """One ``distill`` run of max(counts) steps, scored after each of ``counts`` steps."""
+        clock = [time.perf_counter()]
+
+        def checkpoint(step: int, loss: float) -> None:
+            if step in counts:
+                self.seconds += time.perf_counter() - clock[0]
+                self.record(f"{label}, {step} steps" if len(counts) == 1 else f"{label}: {step} of {max(counts)}",
+                            step)
+                self.net.train()
+                clock[0] = time.perf_counter()
+
+        distill(self.net, teacher, batches, steps=max(counts), callback=checkpoint, **options)
+
+
+def recipe(name: str, args, **changes) -> dict:
+    """The distillation settings of surgery ``name`` (see the module docstring), with ``changes``."""
+    steps = max(int(n) for n in args.steps.split(","))
+    settings = dict(lr=args.lr, schedule="cosine", warmup_steps=max(1, steps // 20), embedding_weight=1.0,
+                    hidden_weight=0.0 if "FNet" in name else 1.0)
+    return {**settings, **changes}
 
 
 def heal(args) -> str:
@@ -145,6 +181,8 @@ def heal(args) -> str:
     chosen = surgeries(args)
     if args.surgeries:
         chosen = {name: chosen[name] for name in args.surgeries.split(",")}
+    chosen = {f"FFF {args.fff}" if name == "FFF" else name: value for name, value in chosen.items()}
+    base = [args.baseline_steps or counts[0]]
     for name, (surgery, fits_layers) in chosen.items():
         net = copy.deepcopy(original)
         start = time.perf_counter()
@@ -173,21 +211,26 @@ def heal(args) -> str:
                          f"{surgery_seconds + main.seconds:.1f} s (fitting: the difference)")
         else:
             notes.append(f"{name}: surgery {surgery_seconds:.1f} s (nothing to fit)")
-        baseline_last = copy.deepcopy(main.net)
-        main.heal(teacher, train_batches, counts, args, "fit + distill" if fits_layers else "distill")
+        starts = {"plain": copy.deepcopy(main.net), "last": copy.deepcopy(main.net)}
+        main.heal(teacher, train_batches, counts, "fit + distill" if fits_layers else "distill", **recipe(name, args))
         rows += main.rows if not fits_layers else bare.rows + main.rows
         curves[name] = main.curve
         converted[name] = main.net
-        top = [args.baseline_steps or counts[0]]
         if fits_layers:
             bare.rows.clear()
-            bare.heal(teacher, train_batches, top, args, "baseline: no fit, distill")
+            bare.heal(teacher, train_batches, base, "baseline: no fit, distill",
+                      **recipe(name, args, warmup_steps=max(1, base[0] // 20)))
             rows += bare.rows
-        last = Run(name, baseline_last, held_out, reference)
-        last.seconds = fit_seconds
-        last.heal(teacher, train_batches, top, args, "baseline: last layer only, distill",
-                  layers=["encoder.layer.5"])
-        rows += last.rows
+        for key, label, changes in (
+                ("plain", "baseline: every layer's hidden MSE only, constant lr",
+                 dict(hidden_weight=1.0, embedding_weight=0.0, schedule="constant", warmup_steps=0)),
+                ("last", "baseline: last layer's hidden MSE only, constant lr",
+                 dict(hidden_weight=1.0, embedding_weight=0.0, schedule="constant", warmup_steps=0,
+                      layers=["encoder.layer.5"]))):
+            run = Run(name, starts[key], held_out, reference)
+            run.seconds = fit_seconds
+            run.heal(teacher, train_batches, base, label, **recipe(name, args, **changes))
+            rows += run.rows
     seconds = time_forward({"original": original, **converted}, speed_inputs(args), repeats=args.repeats)
     speed = {name: seconds["original"] / seconds[name] for name in converted}
     speed_rows = [[name, f"{count_params(model) / 1e6:.2f} M", f"{seconds[name] * 1e3:.0f} ms",
@@ -199,7 +242,8 @@ def heal(args) -> str:
     if args.plot:
         plot(curves, speed, counts, args.plot)
     targets = []
-    for name, goal in TARGETS.items():  # the best cosine reached within 10 minutes of healing, baselines aside
+    for name in curves:  # the best cosine reached within 10 minutes of healing, baselines aside
+        goal = target_of(name)
         within = [row for row in rows if row[0] == name and "baseline" not in row[1]
                   and float(row[4].split()[0]) <= 600]
         if within:
@@ -233,9 +277,8 @@ def plot(curves: dict, speed: dict, counts: list[int], path: str) -> None:
     for name, points in curves.items():
         xs, ys = zip(*points, strict=True)
         axis.plot(xs, ys, marker="o", label=f"{name} ({speed[name]:.2f}x faster)")
-    for name, goal in TARGETS.items():
-        if name in curves:
-            axis.axhline(goal, linestyle=":", linewidth=0.8, color="grey")
+    for goal in {target_of(name) for name in curves}:
+        axis.axhline(goal, linestyle=":", linewidth=0.8, color="grey")
     axis.set_xlabel("distillation steps (batch 16; at 0: after surgery, plus fitting where the surgery has it)")
     axis.set_ylabel("mean cosine to the original (held-out)")
     axis.set_title("all-MiniLM-L6-v2: healing after surgery (dotted: issue targets)")
@@ -267,6 +310,8 @@ def speed(args) -> str:
     models = {"original": original}
     fnet = dict(impl="rfft", padding="mask", max_length=args.length)
     for name, settings in FFF_CHOICES.items():
+        if args.fff_choices and name not in args.fff_choices.split(","):
+            continue
         net = copy.deepcopy(original)
         apply_fff(net, init="dense", calibration=calibration, **settings)
         models[f"FFF {name}"] = net
@@ -286,16 +331,18 @@ def speed(args) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", default="100,300", help="distillation step counts (e.g. 100,300,1000)")
+    parser.add_argument("--steps", default="100,300,600,1000", help="distillation step counts scored, one run "
+                        "of the largest")
     parser.add_argument("--sentences", type=int, default=None, help="held-out sentences scored (default: all)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="the sentences data's held-out share")
     parser.add_argument("--baseline-steps", type=int, default=None, help="distillation steps of the baseline rows "
                         "(default: the smallest of --steps)")
     parser.add_argument("--fit-steps", type=int, default=300, help="fit_steps of Factorize and FFF")
     parser.add_argument("--fit-lr", type=float, default=1e-3)
-    parser.add_argument("--lr", type=float, default=5e-4, help="distillation AdamW learning rate")
+    parser.add_argument("--lr", type=float, default=7e-4, help="distillation AdamW peak learning rate")
     parser.add_argument("--calibration-batches", type=int, default=8, help="training batches of 16 for calibration")
-    parser.add_argument("--fff", default="neuron8", choices=list(FFF_CHOICES), help="FFF setting")
+    parser.add_argument("--fff", default="leaf2x384", choices=list(FFF_CHOICES), help="FFF setting")
+    parser.add_argument("--fff-choices", default=None, help="speed: the FFF settings timed (default: all)")
     parser.add_argument("--length", type=int, default=128, help="sequence length of the speed measurement")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--surgeries", default=None, help=f"comma-separated subset of: {', '.join(TARGETS)}")
