@@ -87,6 +87,18 @@ def test_shipped_yaml_trains_two_batches(files, tmp_path):
     assert saved["name"] == "t" and (tmp_path / "run" / "config.yaml").is_file()
 
 
+def test_cifar10_mlp_with_fff_trains_two_batches_and_without_data_stops_in_one_line(tmp_path):
+    """The FF vs FFF classifier comparison (issue 17): the flattened-CIFAR-10 MLP with recipes/fff.yaml trains on
+    synthetic images; the YAML as shipped, with no CIFAR-10 on disk and no download, stops before training."""
+    summary = run(smoke_config(["cifar10_mlp.yaml", "fff.yaml"], tmp_path), quiet=True)
+    assert summary["batches"] == 2 and summary["surgery"][0]["totals"]["replaced"] == 2
+    config = load_config([str(ROOT / "yamls" / "cifar10_mlp.yaml")],
+                         [f"data.root={tmp_path / 'nothing'}", f"run.dir={tmp_path / 'offline'}", "loggers={}"])
+    with pytest.raises(ConfigError, match=r"CIFAR-10 not found there .*set data.download=true") as error:
+        run(config, quiet=True)
+    assert "\n" not in str(error.value) and not (tmp_path / "offline").exists()
+
+
 def test_run_directory_wandb_report_and_no_overwrite(tmp_path, capsys):
     config = smoke_config(["digits_mlp.yaml", "fff.yaml"], tmp_path, "data={name: digits, batch_size: 32}",
                           "model.width=32", "model.hidden=64")
