@@ -108,7 +108,7 @@ def _fill_leaves(fff: FFF, dense: DenseMLP, x: torch.Tensor, leaf: torch.Tensor)
 def _fit_node_outputs(fff: FFF, y: torch.Tensor, x: torch.Tensor, path: torch.Tensor, right: torch.Tensor,
                       sweeps: int = 2, ridge: float = 1e-3) -> None:
     z = torch.einsum("td,tld->tl", x, fff.node_weight.float()[path]) + fff.node_bias.float()[path]
-    a = fff.activation(z.abs() if fff.mirrored else z)  # (tokens, levels): each visited node's coefficient
+    a = fff.node_coefficient(z)  # (tokens, levels): each visited node's coefficient
     rows = 2 * path + right.long() if fff.mirrored else path  # row of node_out viewed as (nodes * branches, d_out)
     values = x.new_zeros(fff.node_out.shape[0] * fff.node_out.shape[1], fff.out_features)
     mean = y.mean(0)

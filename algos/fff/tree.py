@@ -9,13 +9,15 @@ Two forms, chosen by ``form``:
 * ``"neuron"`` (UltraFastBERT): the tree has 2^(depth+1) - 1 nodes, each one neuron; a token visits depth + 1 of
   them, in training too, and
       y = sum over visited nodes i of  a_i v_i  + b_out.
-  UltraFastBERT takes a_i = act(z_i) with one output vector v_i, so GELU both routes and contributes: a token sent
-  left has z_i < 0 and act(z_i) ~ 0, and about half of every path contributes nothing. Our fix (``mirrored=True``)
-  decouples the two: the sign of z_i routes, the magnitude contributes, through an output vector for each branch,
-      a_i = act(|z_i|),  v_i = v_i^right if z_i > 0 else v_i^left,
-  i.e. every node is a pair of neurons with input weights +w_i and -w_i of which routing picks the active one (for
-  ReLU exactly the sum of both). Every visited node contributes, at the same FLOPs; the price is d_out more
-  parameters per node. ``mirrored=False`` is UltraFastBERT's form, kept for comparison.
+  The node's coefficient a_i is chosen by ``node``:
+  - ``"ultrafastbert"``: a_i = act(z_i), one output vector v_i. GELU both routes and contributes: a token sent
+    left has z_i < 0 and act(z_i) ~ 0, so about half of every path contributes nothing.
+  - ``"linear"``: a_i = z_i, one output vector (the proposed fix: no activation, so a left turn contributes
+    z_i v_i too; the tree is then linear within each region).
+  - ``"mirrored"`` (ours, the default): the sign of z_i routes, the magnitude contributes, through an output vector
+    for each branch,  a_i = act(|z_i|),  v_i = v_i^right if z_i > 0 else v_i^left,  i.e. every node is a pair of
+    neurons with input weights +w_i and -w_i of which routing picks the active one (for ReLU exactly the sum of
+    both). Every visited node contributes, at the same FLOPs; the price is d_out more parameters per node.
 * ``"leaf"`` (FFF paper): 2^depth - 1 internal nodes with sigmoid decisions c_i = sigma(z_i) and 2^depth leaves, each
   a small MLP of ``leaf_width``. Training mixes all leaves softly,
       y = sum_l p_l(x) leaf_l(x),  p_l = product over the path to l of c_i (went right) or 1 - c_i (went left),
@@ -24,12 +26,13 @@ Two forms, chosen by ``form``:
   run one leaf. ``region_leak`` flips each soft decision with that probability in training (the paper's remedy
   for over-fragmented regions).
 
-Fast paths (``forward``): the neuron form walks the tree one level at a time for all tokens at once, gathering the
-node rows it needs (``node_weight[index]``, one row per token: vectors, never matrices) and summing the output
-vectors with one ``embedding_bag``; a single token on CPU walks it with Python integers, which avoids the per-level
-tensor bookkeeping that dominates at batch 1. The leaf form sorts tokens by leaf and runs one GEMM pair per leaf.
-``forward_reference`` computes the same function densely (every node's logit, a path mask; every leaf, then the
-mixture) and is what the fast paths are tested against.
+Fast paths (``forward``): on CPU the neuron form runs compiled kernels (``algos.fff.kernels``: each token walks
+its path once, forward and backward). Elsewhere (CUDA, half precision, an activation the kernels do not know, numba
+missing) it walks the tree one level at a time for all tokens at once, gathering the node rows it needs
+(``node_weight[index]``, one row per token: vectors, never matrices) and summing the output vectors with one
+``embedding_bag``. The leaf form sorts tokens by leaf and runs one GEMM pair per leaf. ``forward_reference``
+computes the same function densely (every node's logit, a path mask; every leaf, then the mixture) and is what the
+fast paths are tested against.
 """
 
 from __future__ import annotations
@@ -37,12 +40,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import numpy
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from algos.fff import kernels
+
 FORMS = ("neuron", "leaf")
+NODES = ("mirrored", "ultrafastbert", "linear")
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
@@ -52,16 +57,16 @@ def node_count(depth: int, form: str) -> int:
 
 
 def fff_param_count(in_features: int, out_features: int, depth: int, form: str, leaf_width: int = 0,
-                    mirrored: bool = True) -> int:
+                    node: str = "mirrored") -> int:
     """Parameters of an FFF, without building it (for the size check before surgery)."""
     nodes = node_count(depth, form)
     if form == "neuron":
-        return nodes * (in_features + 1 + (2 if mirrored else 1) * out_features) + out_features
+        return nodes * (in_features + 1 + (2 if node == "mirrored" else 1) * out_features) + out_features
     leaves = 2**depth
     return nodes * (in_features + 1) + leaves * (leaf_width * (in_features + 1 + out_features) + out_features)
 
 
-def check_tree_arguments(*, depth, form, leaf_width, activation, region_leak,
+def check_tree_arguments(*, depth, form, leaf_width, activation, region_leak, node="mirrored",
                          error: Callable[[str], Exception] = lambda message: ValueError(f"FFF: {message}")) -> None:
     """One-line errors for bad tree arguments, shared by the module and the algorithm (whose ``error`` names it)."""
     if form not in FORMS:
@@ -70,6 +75,8 @@ def check_tree_arguments(*, depth, form, leaf_width, activation, region_leak,
         raise error(f"depth={depth!r} must be an int >= 0.")
     if form == "leaf" and (isinstance(leaf_width, bool) or not isinstance(leaf_width, int) or leaf_width <= 0):
         raise error(f"leaf_width={leaf_width!r} must be an int >= 1 for form='leaf'.")
+    if node not in NODES:
+        raise error(f"node={node!r} is not one of {', '.join(map(repr, NODES))}.")
     if isinstance(activation, str) and activation not in ACTIVATIONS:
         raise error(f"activation={activation!r} is not one of {', '.join(map(repr, ACTIVATIONS))} (or an nn.Module).")
     if not (isinstance(region_leak, (int, float)) and 0 <= region_leak < 0.5):
@@ -80,14 +87,14 @@ class FFF(nn.Module):
     """A Fast FeedForward tree from ``in_features`` to ``out_features``; input (..., in_features)."""
 
     def __init__(self, in_features: int, out_features: int, depth: int, *, form: str = "neuron",
-                 leaf_width: int = 32, activation: str | nn.Module = "gelu", mirrored: bool = True,
+                 leaf_width: int = 32, activation: str | nn.Module = "gelu", node: str = "mirrored",
                  region_leak: float = 0.0, hard_training: bool = False):
         super().__init__()
         check_tree_arguments(depth=depth, form=form, leaf_width=leaf_width, activation=activation,
-                             region_leak=region_leak)
+                             region_leak=region_leak, node=node)
         self.in_features, self.out_features, self.depth, self.form = in_features, out_features, depth, form
         self.leaf_width = leaf_width if form == "leaf" else None
-        self.mirrored = mirrored if form == "neuron" else None
+        self.node = node if form == "neuron" else None
         self.region_leak = region_leak
         self.hard_training = hard_training
         self.activation = ACTIVATIONS[activation]() if isinstance(activation, str) else activation
@@ -95,7 +102,7 @@ class FFF(nn.Module):
         self.node_weight = nn.Parameter(torch.empty(nodes, in_features))
         self.node_bias = nn.Parameter(torch.empty(nodes))
         if form == "neuron":
-            self.node_out = nn.Parameter(torch.empty(nodes, 2 if mirrored else 1, out_features))
+            self.node_out = nn.Parameter(torch.empty(nodes, 2 if self.mirrored else 1, out_features))
             self.out_bias = nn.Parameter(torch.empty(out_features))
         else:
             leaves = 2**depth
@@ -132,6 +139,28 @@ class FFF(nn.Module):
         return {**super().__getstate__(), "last_entropy": None}
 
     @property
+    def mirrored(self) -> bool:
+        """Neuron form with an output vector per branch (``node="mirrored"``)."""
+        return self.node == "mirrored"
+
+    def node_coefficient(self, z: torch.Tensor) -> torch.Tensor:
+        """A visited node's coefficient from its logit: act(|z|) (mirrored), act(z) (ultrafastbert), z (linear)."""
+        if self.node == "linear":
+            return z
+        return self.activation(z.abs() if self.mirrored else z)
+
+    @property
+    def activation_code(self) -> int | None:
+        """The node's activation as a code in ``kernels.CODES`` (None: the compiled kernels do not cover it); probed
+        once per activation module."""
+        if self.node == "linear":
+            return kernels.CODES["identity"]
+        probed = self.__dict__.get("_probed_activation")
+        if probed is None or probed[0] is not self.activation:
+            probed = self.__dict__["_probed_activation"] = (self.activation, kernels.activation_code(self.activation))
+        return probed[1]
+
+    @property
     def soft(self) -> bool:
         """True when this forward mixes leaves softly (leaf form, training, not in the hard-training phase)."""
         return self.form == "leaf" and self.training and not self.hard_training
@@ -154,7 +183,7 @@ class FFF(nn.Module):
         logits = F.linear(rows, self.node_weight, self.node_bias)
         if self.form == "neuron":
             path, right = descend(logits, self.depth + 1)
-            coefficient = self.activation(logits.abs() if self.mirrored else logits)
+            coefficient = self.node_coefficient(logits)
             y = self.out_bias.expand(rows.shape[0], -1)
             for branch in range(self.node_out.shape[1]):  # 0: left (or the only one), 1: right
                 taken = right if self.mirrored and branch == 1 else ~right if self.mirrored else torch.ones_like(right)
@@ -172,10 +201,16 @@ class FFF(nn.Module):
 
     # -- neuron form ---------------------------------------------------------------------------------------------
 
-    def _neuron_fast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
-        if x.shape[0] == 1 and x.device.type == "cpu" and not torch.is_grad_enabled():
-            return self._neuron_single(x)
-        return self._neuron_fast_batched(x)
+    def _neuron_fast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not kernels.available(self, x):
+            return self._neuron_fast_batched(x)
+        args = (x, self.node_weight, self.node_bias, self.node_out, self.out_bias, self.depth + 1, self.mirrored,
+                self.activation_code)
+        if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in args[:5]):
+            y, path = kernels.NeuronTree.apply(*args)
+        else:
+            y, path, _ = kernels.neuron_forward(*args)
+        return y, path[:, -1] - (2**self.depth - 1)
 
     def _neuron_fast_batched(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
@@ -185,7 +220,7 @@ class FFF(nn.Module):
             # advanced indexing on CPU, and a multiply-sum beats a batched 1 x d @ d x 1 matmul)
             z = (self.node_weight.index_select(0, index) * x).sum(-1) + self.node_bias.index_select(0, index)
             right = (z > 0).long()
-            coefficients.append(self.activation(z.abs() if self.mirrored else z))
+            coefficients.append(self.node_coefficient(z))
             outputs.append(2 * index + right if self.mirrored else index)  # row of node_out viewed as (nodes*2, d)
             bottom = index
             index = 2 * index + 1 + right
@@ -193,29 +228,6 @@ class FFF(nn.Module):
         y = F.embedding_bag(torch.stack(outputs, 1), self.node_out.flatten(0, 1),
                             per_sample_weights=torch.stack(coefficients, 1).to(self.node_out.dtype), mode="sum")
         return y + self.out_bias, bottom - (2**self.depth - 1)
-
-    def _neuron_single(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
-        """One token on CPU, no autograd: the descent on Python integers. Each level is one dot product, so the
-        per-operation overhead is the cost: torch's dispatch (~5 us per op, more for a Parameter's
-        __torch_function__) would be most of it, NumPy's (~1 us) is not. NumPy views share the tensors' memory."""
-        if self.node_weight.dtype != torch.float32:  # NumPy has no bfloat16; keep one path for the rest
-            return self._neuron_fast_batched(x)
-        weight, bias = self.node_weight.detach().numpy(), self.node_bias.detach().numpy()
-        token, index, logits, rows = x[0].detach().float().numpy(), 0, [], []
-        for _ in range(self.depth + 1):
-            z = float(weight[index].dot(token)) + float(bias[index])
-            right = int(z > 0)
-            logits.append(abs(z) if self.mirrored else z)
-            rows.append(2 * index + right if self.mirrored else index)
-            bottom = index
-            index = 2 * index + 1 + right
-        scalar = _SCALAR_ACTIVATIONS.get(activation_name(self.activation))
-        if scalar is not None:
-            coefficients = numpy.array([scalar(z) for z in logits], dtype=numpy.float32)
-        else:
-            coefficients = self.activation(torch.tensor(logits)).numpy()
-        y = coefficients @ self.node_out.detach().flatten(0, 1).numpy()[rows] + self.out_bias.detach().numpy()
-        return torch.from_numpy(y).to(x.dtype).unsqueeze(0), bottom - (2**self.depth - 1)
 
     # -- leaf form -----------------------------------------------------------------------------------------------
 
@@ -238,7 +250,14 @@ class FFF(nn.Module):
         return y, weights.argmax(1)
 
     def _leaf_hard(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        leaf = hard_leaf(F.linear(x, self.node_weight, self.node_bias), self.depth)
+        if kernels.available(self, x, activation=False):
+            leaf = kernels.leaf_route(x, self.node_weight, self.node_bias, self.depth)
+        else:
+            leaf = hard_leaf(F.linear(x, self.node_weight, self.node_bias), self.depth)
+        if x.shape[0] == 1:  # one token: its leaf's two matrix-vector products, nothing to group
+            number = int(leaf)
+            hidden = self.activation(torch.addmv(self.leaf_in_bias[number], self.leaf_in[number].T, x[0]))
+            return torch.addmv(self.leaf_out_bias[number], self.leaf_out[number].T, hidden).unsqueeze(0), leaf
         # tokens sorted by leaf, one GEMM pair per leaf that has tokens
         order = torch.argsort(leaf, stable=True)
         counts = torch.bincount(leaf, minlength=2**self.depth).tolist()
@@ -258,19 +277,15 @@ class FFF(nn.Module):
         return tokens * (self.depth + 1) * self.in_features if self.form == "neuron" else 0
 
     @torch.no_grad()
-    def _count(self, bottom: torch.Tensor | int) -> None:
-        if not self.training:
-            return
-        if isinstance(bottom, int):  # the single-token path
-            self.leaf_usage[bottom] += 1
-        else:
+    def _count(self, bottom: torch.Tensor) -> None:
+        if self.training:
             self.leaf_usage += torch.bincount(bottom.reshape(-1), minlength=self.leaf_usage.numel())
 
     def extra_repr(self) -> str:
         shape = (f"{self.in_features}, {self.out_features}, depth={self.depth}, form={self.form!r}")
         if self.form == "leaf":
             return shape + f", leaf_width={self.leaf_width}, region_leak={self.region_leak}"
-        return shape + f", mirrored={self.mirrored}"
+        return shape + f", node={self.node!r}"
 
 
 def activation_name(activation: nn.Module) -> str | None:
@@ -278,15 +293,6 @@ def activation_name(activation: nn.Module) -> str | None:
     if type(activation) is nn.GELU:
         return "gelu" if activation.approximate == "none" else None
     return {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh"}.get(type(activation))
-
-
-# The activations as functions of one Python float, for the single-token path (same formulas as torch's).
-_SCALAR_ACTIVATIONS = {
-    "gelu": lambda z: 0.5 * z * (1.0 + math.erf(z / math.sqrt(2.0))),
-    "relu": lambda z: max(z, 0.0),
-    "silu": lambda z: z / (1.0 + math.exp(-z)) if z > -700 else 0.0,
-    "tanh": math.tanh,
-}
 
 
 def descend(logits: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,6 @@
 """The FFF module: soft mixture, hard descent against a per-token reference, fast paths against the dense
-reference path, the mirrored-neuron fix, hardening, counters."""
+reference path (the compiled kernels and the PyTorch path, values and gradients), the node variants, hardening,
+counters."""
 
 import copy
 import math
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from algos.fff import kernels
 from algos.fff.tree import FFF, hard_leaf, mixture_weights
 
 
@@ -20,10 +22,12 @@ def naive_forward(fff: FFF, token: torch.Tensor) -> torch.Tensor:
         for _ in range(fff.depth + 1):
             z = token @ fff.node_weight[node] + fff.node_bias[node]
             went_right = bool(z > 0)
-            if fff.mirrored:
+            if fff.node == "mirrored":
                 y = y + fff.activation(z.abs()) * fff.node_out[node, int(went_right)]
-            else:
+            elif fff.node == "ultrafastbert":
                 y = y + fff.activation(z) * fff.node_out[node, 0]
+            else:  # linear
+                y = y + z * fff.node_out[node, 0]
             node = 2 * node + 1 + int(went_right)
         return y
     for _ in range(fff.depth):
@@ -33,17 +37,17 @@ def naive_forward(fff: FFF, token: torch.Tensor) -> torch.Tensor:
     return hidden @ fff.leaf_out[leaf] + fff.leaf_out_bias[leaf]
 
 
-def random_tree(form, depth, mirrored=True, seed=0, d_in=24, d_out=12):
+def random_tree(form, depth, node="mirrored", seed=0, d_in=24, d_out=12):
     torch.manual_seed(seed)
-    fff = FFF(d_in, d_out, depth, form=form, leaf_width=8, mirrored=mirrored)
+    fff = FFF(d_in, d_out, depth, form=form, leaf_width=8, node=node)
     with torch.no_grad():
         fff.node_bias.normal_(0, 0.3)  # routing not through the origin, so the fast path's offsets are exercised
     return fff
 
 
-def trained_tree(form, depth, mirrored=True):
+def trained_tree(form, depth, node="mirrored"):
     """A tree fitted for a few steps to a nonlinear target, so weights are no longer i.i.d."""
-    fff = random_tree(form, depth, mirrored)
+    fff = random_tree(form, depth, node)
     x = torch.randn(512, 24)
     target = torch.sin(x[:, :12] * 2) + x[:, 12:] ** 2
     optimizer = torch.optim.Adam(fff.parameters(), lr=1e-2)
@@ -54,15 +58,26 @@ def trained_tree(form, depth, mirrored=True):
     return fff
 
 
-TREES = [("neuron", 0, True), ("neuron", 3, True), ("neuron", 5, False), ("leaf", 0, True), ("leaf", 2, True),
-         ("leaf", 4, True)]
+TREES = [("neuron", 0, "mirrored"), ("neuron", 3, "mirrored"), ("neuron", 9, "mirrored"),
+         ("neuron", 5, "ultrafastbert"), ("neuron", 4, "linear"),
+         ("leaf", 0, None), ("leaf", 2, None), ("leaf", 4, None)]
 
 
-@pytest.mark.parametrize("form,depth,mirrored", TREES)
+@pytest.fixture(params=["kernels", "pytorch"])
+def backend(request, monkeypatch):
+    """Runs a test on the compiled kernels (neuron form; leaf form's routing) and on the PyTorch path."""
+    if request.param == "pytorch":
+        monkeypatch.setattr(kernels, "ENABLED", False)
+    elif not kernels.ENABLED:
+        pytest.skip("numba is not installed")
+    return request.param
+
+
+@pytest.mark.parametrize("form,depth,node", TREES)
 @pytest.mark.parametrize("trained", [False, True])
 @pytest.mark.parametrize("batch", [1, 7, 2048])
-def test_fast_path_equals_reference_path_and_per_token_descent(form, depth, mirrored, trained, batch):
-    fff = (trained_tree if trained else random_tree)(form, depth, mirrored).eval()
+def test_fast_path_equals_reference_path_and_per_token_descent(form, depth, node, trained, batch, backend):
+    fff = (trained_tree if trained else random_tree)(form, depth, node or "mirrored").eval()
     x = torch.randn(batch, 24, generator=torch.Generator().manual_seed(batch))
     with torch.no_grad():
         fast = fff(x)
@@ -73,12 +88,16 @@ def test_fast_path_equals_reference_path_and_per_token_descent(form, depth, mirr
 
 
 @pytest.mark.parametrize("activation", ["relu", "silu", "tanh", torch.nn.GELU(approximate="tanh")])
-def test_single_token_path_for_each_activation(activation):
+@pytest.mark.parametrize("batch", [1, 33])
+def test_each_activation_values_and_gradients(activation, batch, backend):
+    """The kernels have each activation and its derivative written out (GELU's tanh form is not among them: the
+    PyTorch path runs it); float64, so the comparison is tight."""
     torch.manual_seed(0)
-    fff = FFF(24, 12, 4, activation=activation).eval()
-    x = torch.randn(1, 24)
-    with torch.no_grad():
-        torch.testing.assert_close(fff(x), fff.forward_reference(x), rtol=1e-5, atol=1e-5)
+    fff = FFF(24, 12, 4, activation=activation).double()
+    x = torch.randn(batch, 24, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(batch, 12, dtype=torch.float64)
+    results = [(y, torch.autograd.grad(y, [x, *fff.parameters()], grad)) for y in (fff(x), fff.forward_reference(x))]
+    torch.testing.assert_close(results[0], results[1], rtol=1e-9, atol=1e-9)
 
 
 def test_leading_dimensions_are_kept():
@@ -88,17 +107,35 @@ def test_leading_dimensions_are_kept():
     torch.testing.assert_close(fff(x)[1], fff(x[1]))
 
 
-@pytest.mark.parametrize("mirrored", [True, False])
-def test_neuron_training_path_has_the_reference_gradients(mirrored):
-    fff = random_tree("neuron", 3, mirrored).train()
-    x = torch.randn(64, 24)
+@pytest.mark.parametrize("node", ["mirrored", "ultrafastbert", "linear"])
+@pytest.mark.parametrize("depth,batch", [(0, 1), (3, 64), (8, 700)])
+def test_neuron_training_path_has_the_reference_gradients(node, depth, batch, backend):
+    fff = trained_tree("neuron", depth, node) if depth == 3 else random_tree("neuron", depth, node)
+    fff.train()
+    x = torch.randn(batch, 24, requires_grad=True)
     grads = []
     for forward in (fff.forward, fff.forward_reference):
         fff.zero_grad()
+        x.grad = None
         forward(x).pow(2).sum().backward()
-        grads.append({name: p.grad.clone() for name, p in fff.named_parameters()})
+        grads.append({"x": x.grad.clone(), **{name: p.grad.clone() for name, p in fff.named_parameters()}})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5)
+
+
+def test_only_what_needs_a_gradient_gets_one(backend):
+    """A frozen tree still passes the reference gradient to its input; a tree on a fixed input gets its own."""
+    fff = random_tree("neuron", 3)
+    x = torch.randn(20, 24, requires_grad=True)
+    fff.requires_grad_(False)
+    fff(x).sum().backward()
+    reference = x.detach().requires_grad_()
+    fff.forward_reference(reference).sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad, rtol=1e-4, atol=1e-5)
+    assert fff.node_weight.grad is None
+    fff.requires_grad_(True)
+    fff(x.detach()).sum().backward()
+    assert fff.node_weight.grad.abs().sum() > 0 and fff.out_bias.grad.abs().sum() > 0
 
 
 def test_soft_mixture_weights_sum_to_one_and_are_path_products():
@@ -166,25 +203,25 @@ def test_hardening_loss_lowers_decision_entropy(seed):
     assert 0 <= entropies[1.0] <= math.log(2)
 
 
-def test_mirrored_node_is_a_pair_of_relu_neurons_ultrafastbert_left_nodes_add_nothing():
-    """The defect and the fix, with ReLU where both are exact. UltraFastBERT: act(z) both routes and contributes, so
-    a node that sends the token left (z <= 0) adds nothing. Mirrored: act(|z|) through the taken branch's vector,
-    which is relu(z) v_right + relu(-z) v_left: two neurons +-w, both live."""
+@pytest.mark.parametrize("node", ["mirrored", "linear", "ultrafastbert"])
+def test_left_turns_contribute_except_in_the_ultrafastbert_form(node, backend):
+    """The defect and the two fixes, with ReLU where all are exact. UltraFastBERT: act(z) both routes and
+    contributes, so a node that sends the token left (z <= 0) adds nothing. Mirrored: act(|z|) through the taken
+    branch's vector, which is relu(z) v_right + relu(-z) v_left: two neurons +-w, both live. Linear: z v."""
     torch.manual_seed(0)
     x = torch.randn(512, 24)
-    for mirrored in (True, False):
-        fff = FFF(24, 12, 0, activation="relu", mirrored=mirrored)  # one node
-        with torch.no_grad():
-            fff.node_out.normal_()
-            fff.out_bias.normal_()
-            z = x @ fff.node_weight[0] + fff.node_bias[0]
-            contribution = fff(x) - fff.out_bias
-        if mirrored:
-            pair = F.relu(z)[:, None] * fff.node_out[0, 1] + F.relu(-z)[:, None] * fff.node_out[0, 0]
-            torch.testing.assert_close(contribution, pair)
-            assert contribution[z < 0].abs().mean() > 0.3 * contribution[z > 0].abs().mean()
-        else:
-            assert torch.all(contribution[z <= 0] == 0)
+    fff = FFF(24, 12, 0, activation="relu", node=node)  # one node
+    with torch.no_grad():
+        fff.node_out.normal_()
+        fff.out_bias.normal_()
+        z = x @ fff.node_weight[0] + fff.node_bias[0]
+        contribution = fff(x) - fff.out_bias
+        v = fff.node_out[0]
+    expected = {"mirrored": lambda: F.relu(z)[:, None] * v[1] + F.relu(-z)[:, None] * v[0],
+                "linear": lambda: z[:, None] * v[0], "ultrafastbert": lambda: F.relu(z)[:, None] * v[0]}[node]()
+    torch.testing.assert_close(contribution, expected)
+    left, right = contribution[z < 0].abs().mean(), contribution[z > 0].abs().mean()
+    assert left == 0 if node == "ultrafastbert" else left > 0.3 * right
 
 
 def test_counters_are_buffers_not_parameters_and_count_training_tokens():
