@@ -93,6 +93,10 @@ class FFFSurgery(Surgery):
             raise self.config.error(f"target {fqn!r} is {self.not_dense[fqn]}; target_modules must name dense MLP "
                                     f"blocks or nn.Linear layers.")
         block = self.found[fqn]
+        width = min(block.dense.in_features, block.dense.out_features)
+        if width < self.config.min_width:
+            return (f"min(in, out) = {width} below min_width {self.config.min_width} (a tree this narrow is slower "
+                    f"than the dense block at batch 1)")
         if self.config.init == "dense" and block.dense.is_lone_linear:
             raise self.config.error(f"init='dense' needs an MLP block (Linear, activation, Linear), but {fqn!r} is a "
                                     f"lone nn.Linear; use init='scratch' for it.")
@@ -218,7 +222,7 @@ class FFFSurgery(Surgery):
         if isinstance(act, nn.Module):
             act = activation_name(act) or act  # "gelu" rather than nn.GELU() where a name says it
         defaults = {name: p.default for name, p in inspect.signature(FFF).parameters.items()}
-        shown = {"form": c.form, "leaf_width": c.leaf_width, "mirrored": c.mirrored, "region_leak": c.region_leak,
+        shown = {"form": c.form, "leaf_width": c.leaf_width, "node": c.node, "region_leak": c.region_leak,
                  "activation": act}
         extra = "".join(f", {k}={'nn.' if isinstance(v, nn.Module) else ''}{v!r}"
                         for k, v in shown.items() if v != defaults[k])

@@ -29,11 +29,15 @@ class FFFConfig(SurgeryConfig):
     init: str = setting("scratch", "'scratch' (fresh weights) or 'dense' (from the trained block: median splits "
                                    "along principal directions, then the dense neurons that matter per leaf / "
                                    "least-squares node outputs), which needs calibration")
-    mirrored: bool = setting(True, "neuron form: routing and contribution decoupled (see algos.fff.tree); False is "
-                                   "UltraFastBERT's form")
+    node: str = setting("mirrored", "neuron form, what a visited node adds: 'mirrored' (act(|z|) through an output "
+                                    "vector per branch: ours), 'ultrafastbert' (act(z), one vector: left turns add "
+                                    "~0), 'linear' (z, one vector); see algos.fff.tree")
     region_leak: float = setting(0.0, "leaf form: probability of flipping each soft decision in training")
     activation: str | nn.Module | None = setting(None, "'gelu', 'relu', 'silu', 'tanh' or an nn.Module; None takes "
                                                        "the block's own (GELU for a lone Linear)")
+    min_width: int = setting(128, "blocks with min(in, out) features below this stay dense: below about this width "
+                                  "the tree is slower than the block it replaces at batch 1 on a CPU (measured: "
+                                  "benchmarks/fff.py --parts width); 0 converts every block")
     max_params: int | float | None = setting(None, "refuse trees bigger than this: an int (parameters), or a float "
                                                    "(times the block's parameters); trees that together cannot fit "
                                                    "in the memory where they are built are always refused")
@@ -47,17 +51,19 @@ class FFFConfig(SurgeryConfig):
 
     def check(self) -> None:
         check_tree_arguments(depth=self.depth, form=self.form, leaf_width=self.leaf_width,
-                             activation=self.activation or "gelu", region_leak=self.region_leak, error=self.error)
+                             activation=self.activation or "gelu", region_leak=self.region_leak, node=self.node,
+                             error=self.error)
         if self.init not in INITS:
             raise self.error(f"init={self.init!r} is not one of {', '.join(map(repr, INITS))}.")
         limit = self.max_params
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
             raise self.error(f"max_params={limit!r} must be None, an int (parameters per tree) or a float "
                              f"(multiple of the replaced block's parameters), > 0.")
-        for name, value in (("calibration_batches", self.calibration_batches),
-                            ("calibration_tokens", self.calibration_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise self.error(f"{name}={value!r} must be an int >= 1.")
+        for name, value, least in (("calibration_batches", self.calibration_batches, 1),
+                                   ("calibration_tokens", self.calibration_tokens, 1), ("min_width", self.min_width,
+                                                                                        0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise self.error(f"{name}={value!r} must be an int >= {least}.")
         check_fit_settings(self.fit_steps, self.fit_lr, self.error)
 
     @property
@@ -66,9 +72,9 @@ class FFFConfig(SurgeryConfig):
 
     def tree(self, in_features: int, out_features: int, activation: str | nn.Module) -> FFF:
         return FFF(in_features, out_features, self.depth, form=self.form, leaf_width=self.leaf_width,
-                   activation=activation, mirrored=self.mirrored, region_leak=self.region_leak)
+                   activation=activation, node=self.node, region_leak=self.region_leak)
 
     def tree_params(self, block: Block, depth: int) -> int:
         """Parameters of the tree ``block`` would get at ``depth``, without building it."""
         return fff_param_count(block.dense.in_features, block.dense.out_features, depth, self.form, self.leaf_width,
-                               self.mirrored)
+                               self.node)

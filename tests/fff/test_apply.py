@@ -41,7 +41,7 @@ def test_bert_intermediate_output_pair_becomes_fff_with_layernorm_residual_kept(
     torch.manual_seed(0)
     model = BertModel(tiny_bert_config(num_hidden_layers=2)).eval()
     layer_norm = model.encoder.layer[0].output.LayerNorm
-    report = apply_fff(model, depth=2, example_inputs={"input_ids": torch.randint(0, 100, (2, 8))})
+    report = apply_fff(model, min_width=0, depth=2, example_inputs={"input_ids": torch.randint(0, 100, (2, 8))})
     layer = model.encoder.layer[0]
     assert isinstance(layer.intermediate, FFF) and isinstance(layer.output.dense, nn.Identity)
     assert layer.output.LayerNorm is layer_norm
@@ -63,7 +63,7 @@ def test_vit_mlp_blocks_and_sequential_mlps_are_replaced_whole():
     torch.manual_seed(0)
     vit = torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32,
                                                mlp_dim=64, num_classes=4, dropout=0.1)
-    report = apply_fff(vit, depth=2, form="leaf", leaf_width=8)
+    report = apply_fff(vit, min_width=0, depth=2, form="leaf", leaf_width=8)
     assert [row.fqn for row in report.replaced] == [f"encoder.layers.encoder_layer_{i}.mlp" for i in range(2)]
     block = vit.encoder.layers.encoder_layer_0.mlp
     assert isinstance(block[0], FFF) and isinstance(block[1], nn.Dropout) and block[1].p == 0.1
@@ -76,7 +76,7 @@ def test_transformer_encoder_layer_feed_forward_and_fast_path():
     torch.manual_seed(0)
     encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 48, batch_first=True), 2,
                                     enable_nested_tensor=False).eval()
-    apply_fff(encoder, depth=2)
+    apply_fff(encoder, min_width=0, depth=2)
     layer = encoder.layers[0]
     assert isinstance(layer.linear1, TransformerLayerFFF) and isinstance(layer.linear2, nn.Identity)
     assert isinstance(layer.activation, nn.Identity) and isinstance(layer.dropout, nn.Identity)
@@ -92,7 +92,7 @@ def test_transformer_decoder_layer_feed_forward():
     torch.manual_seed(0)
     layer = nn.TransformerDecoderLayer(16, 2, 48, dropout=0.0, batch_first=True).eval()
     x, memory = torch.randn(2, 4, 16), torch.randn(2, 6, 16)
-    report = apply_fff(layer_holder := nn.Sequential(layer), depth=2)
+    report = apply_fff(layer_holder := nn.Sequential(layer), min_width=0, depth=2)
     assert [row.fqn for row in report.replaced] == ["0.linear1"]
     h = layer.norm2((h := layer.norm1(x + layer.self_attn(x, x, x)[0])) + layer.multihead_attn(h, memory, memory)[0])
     torch.testing.assert_close(layer_holder[0](x, memory), layer.norm3(h + layer.linear1.fff(h)))
@@ -101,17 +101,17 @@ def test_transformer_decoder_layer_feed_forward():
 def test_lone_linear_only_when_named_and_non_mlp_targets_are_refused():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.LayerNorm(16), nn.Linear(16, 4))
     with pytest.warns(NoEffectWarning, match="no .* module selected"):  # not an MLP shape, no name: nothing to do
-        apply_fff(model, depth=1)
-    report = apply_fff(model, depth=1, target_modules=["3"])
+        apply_fff(model, min_width=0, depth=1)
+    report = apply_fff(model, min_width=0, depth=1, target_modules=["3"])
     assert isinstance(model[3], FFF) and (model[3].in_features, model[3].out_features) == (16, 4)
     assert report.replaced[0].old_type == "Linear"
     with pytest.raises(ValueError, match=r"target '2' is a LayerNorm, not a dense MLP block"):
-        apply_fff(model, depth=1, target_modules=["2"])
+        apply_fff(model, min_width=0, depth=1, target_modules=["2"])
     outer = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
     with pytest.raises(ValueError, match=r"'0' is an nn.Sequential of \(Linear, LayerNorm\)"):
-        apply_fff(outer, depth=1, target_modules=["0"])
+        apply_fff(outer, min_width=0, depth=1, target_modules=["0"])
     with pytest.raises(ValueError, match="init='dense' needs an MLP block .* '0' is a lone nn.Linear"):
-        apply_fff(nn.Sequential(nn.Linear(8, 8)), depth=1, target_modules=["0"], init="dense",
+        apply_fff(nn.Sequential(nn.Linear(8, 8)), min_width=0, depth=1, target_modules=["0"], init="dense",
                   calibration=torch.randn(4, 8))
 
 
@@ -121,7 +121,7 @@ def test_dense_init_reproduces_the_trained_mlp_better_than_scratch(form):
     trained, x, y = trained_digits_mlp()
     for init in ("scratch", "dense"):
         model = copy.deepcopy(trained)
-        report = apply_fff(model, depth=3, form=form, leaf_width=16, init=init, calibration=x)
+        report = apply_fff(model, min_width=0, depth=3, form=form, leaf_width=16, init=init, calibration=x)
         errors[init] = rel_errors(report)[0]
         accuracy = (model(x).argmax(1) == y).float().mean()
         if init == "dense":
@@ -133,7 +133,7 @@ def test_dense_init_reproduces_the_trained_mlp_better_than_scratch(form):
 def test_dense_init_with_leaves_as_wide_as_the_mlp_is_exact(depth):
     model, x, _ = trained_digits_mlp(hidden=32)
     dense = nn.Sequential(*model[0])
-    report = apply_fff(model, depth=depth, form="leaf", leaf_width=32, init="dense", calibration=x)
+    report = apply_fff(model, min_width=0, depth=depth, form="leaf", leaf_width=32, init="dense", calibration=x)
     assert rel_errors(report)[0] < 1e-5
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), dense(x), rtol=1e-4, atol=1e-4)
@@ -141,7 +141,7 @@ def test_dense_init_with_leaves_as_wide_as_the_mlp_is_exact(depth):
 
 def test_dense_init_splits_calibration_tokens_evenly():
     model, x, _ = trained_digits_mlp()
-    apply_fff(model, depth=3, form="leaf", leaf_width=8, init="dense", calibration=x)
+    apply_fff(model, min_width=0, depth=3, form="leaf", leaf_width=8, init="dense", calibration=x)
     tree = model[0]
     tree.train(), tree.leaf_usage.zero_()
     tree.hard_training = True
@@ -154,7 +154,7 @@ def test_optimizer_holds_the_new_parameters_and_not_the_old():
     model, _, _ = trained_digits_mlp(steps=1)
     optimizer = torch.optim.Adam(model.parameters())
     old = {id(p) for p in model.parameters()}
-    apply_fff(model, depth=2, optimizers=optimizer)
+    apply_fff(model, min_width=0, depth=2, optimizers=optimizer)
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert in_optimizer == {id(p) for p in model.parameters()} and not in_optimizer & old
 
@@ -174,7 +174,7 @@ def test_bad_input_is_a_one_line_error_and_the_model_is_untouched(kwargs, messag
     model, _, _ = trained_digits_mlp(steps=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=message) as error:
-        apply_fff(model, **kwargs)
+        apply_fff(model, min_width=0, **kwargs)
     assert "\n" not in str(error.value)
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -220,7 +220,7 @@ def call(model, inputs):
 def applied_recording_warnings(model, **kwargs):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = apply_fff(model, **kwargs)
+        report = apply_fff(model, **{"min_width": 0, **kwargs})
     return report, {(w.category, str(w.message)) for w in caught}
 
 
@@ -244,16 +244,17 @@ def test_applying_twice_is_applying_once(kind, init):
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
     assert sum(p.numel() for p in model.parameters()) == params
     torch.testing.assert_close(call(model, inputs), output, rtol=0, atol=0)
-    assert FFFReplace(depth=2, strict=True, **selection).plan(model) == ([], twice.skipped)
+    assert FFFReplace(min_width=0, depth=2, strict=True, **selection).plan(model) == ([], twice.skipped)
 
 
 def test_a_block_whose_dense_layer_was_replaced_is_no_dense_block():
     encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 48), 1, enable_nested_tensor=False)
-    apply_fff(encoder, depth=1, target_modules=["linear2"])
+    apply_fff(encoder, min_width=0, depth=1, target_modules=["linear2"])
     with pytest.raises(ValueError, match=r"'layers.0' is a TransformerEncoderLayer whose dense layer was replaced "
                                          r"\(FFF from FFFReplace\); target_modules must name"):
-        apply_fff(encoder, depth=2, target_modules=["layers.0"])
-    assert [skip.reason for skip in apply_fff(encoder, depth=2).skipped] == ["already converted by FFFReplace"]
+        apply_fff(encoder, min_width=0, depth=2, target_modules=["layers.0"])
+    assert [skip.reason for skip in apply_fff(encoder, min_width=0,
+                                              depth=2).skipped] == ["already converted by FFFReplace"]
 
 
 def test_a_model_that_is_the_mlp_says_how_to_convert_it():
@@ -267,15 +268,16 @@ def test_a_model_that_is_the_mlp_says_how_to_convert_it():
                        "unchanged.")
     assert isinstance(mlp[0], nn.Linear)
     with pytest.warns(NoEffectWarning, match="the model itself is the MLP block"):  # the dry run says it too
-        assert FFFReplace(depth=2).plan(mlp) == ([], [])
+        assert FFFReplace(min_width=0, depth=2).plan(mlp) == ([], [])
     with pytest.raises(ValueError, match=r"^FFFReplace: the model itself .* FFF\(8, 8, depth=3, form='leaf', "
                                          r"leaf_width=4, activation=nn.LeakyReLU\(negative_slope=0.2\)\)\.$"):
-        apply_fff(nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Linear(16, 8)), depth=3, form="leaf",
+        apply_fff(nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Linear(16, 8)), min_width=0, depth=3,
+                  form="leaf",
                   leaf_width=4, strict=True)
     with pytest.warns(NoEffectWarning, match=r"apply_fff\(nn.Sequential\(layer\), ...\) converts the layer in place"):
-        apply_fff(nn.TransformerEncoderLayer(16, 2, 48), depth=2)
+        apply_fff(nn.TransformerEncoderLayer(16, 2, 48), min_width=0, depth=2)
     wrapped = nn.Sequential(mlp)  # the advice works
-    apply_fff(wrapped, depth=2)
+    apply_fff(wrapped, min_width=0, depth=2)
     assert isinstance(wrapped[0], FFF)
     tree = FFF(8, 8, depth=2)  # and so does the call it shows
     assert tree(torch.randn(3, 8)).shape == (3, 8)
@@ -284,7 +286,8 @@ def test_a_model_that_is_the_mlp_says_how_to_convert_it():
 def test_a_tree_too_big_for_memory_is_refused_before_anything_is_allocated():
     model, _, _ = trained_digits_mlp(steps=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for attempt in (lambda: apply_fff(model, depth=30), lambda: FFFReplace(depth=30).plan(model)):
+    for attempt in (lambda: apply_fff(model, min_width=0, depth=30), lambda: FFFReplace(min_width=0,
+                                                                                        depth=30).plan(model)):
         with pytest.raises(ValueError, match=r"^FFFReplace: depth=30 gives '0' a tree of 182,536,110,005 parameters "
                                              r"\(738\.7 GB\), more than the [\d,.]+ [GM]B of memory available "
                                              r"\(psutil\.virtual_memory\(\)\.available\); depth <= \d+ fits\.$"):
@@ -304,7 +307,7 @@ def test_memory_refusal_counts_every_tree_and_names_the_deepest_that_fits(monkey
     with pytest.raises(ValueError, match=r"depth=9 gives '0' a tree of 197,503 parameters \(0\.8 MB; 2 trees, "
                                          r"1\.6 MB together\), more than the 1\.0 MB of memory available \(a test's "
                                          r"budget\); depth <= 8 fits\.$"):
-        apply_fff(model, depth=9)
+        apply_fff(model, min_width=0, depth=9)
     assert all(isinstance(block, nn.Sequential) for block in model)
 
 
@@ -313,3 +316,22 @@ def test_available_memory_is_read_where_the_trees_are_built(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (5 * 2**30, 80 * 2**30))
     assert algorithm.available_memory(torch.device("cuda", 0)) == (5 * 2**30, "torch.cuda.mem_get_info")
     assert algorithm.available_memory(torch.device("meta")) is None  # nothing is allocated there
+
+
+def test_blocks_narrower_than_min_width_stay_dense_with_the_reason():
+    """Below about 128 features a tree is slower than its dense block at batch 1 (benchmarks/fff.py --parts width),
+    so by default such blocks are skipped, as Factorize skips layers below min_features; min_width=0 converts all."""
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 64)),
+                             nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 128)))
+    with pytest.warns(NoEffectWarning, match="all 2 candidates skipped"):
+        report = apply_fff(model(), depth=2)
+    assert [row.fqn for row in report.replaced] == [] and [skip.fqn for skip in report.skipped] == ["0", "1"]
+    assert report.skipped[0].reason.startswith("min(in, out) = 64 below min_width 128")
+    wide = nn.Sequential(nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128)), model()[1])
+    report = apply_fff(wide, depth=2)
+    assert [row.fqn for row in report.replaced] == ["0"] and [skip.fqn for skip in report.skipped] == ["1"]
+    assert {row.fqn for row in apply_fff(model(), depth=2, min_width=0).replaced} == {"0", "1"}
+    with pytest.raises(ValueError, match=r"min_width=-1 must be an int >= 0"):
+        apply_fff(model(), depth=2, min_width=-1)

@@ -21,7 +21,7 @@ from tests.surgery.test_composer import assert_same, final_state, make_trainer
 def test_tiny_bert_mlm_trains_with_leaf_trees_and_hardening(tmp_path):
     model, batch = tiny_mlm_and_batch()
     logger = InMemoryLogger()
-    algorithm = FFFReplace(depth=2, form="leaf", leaf_width=16, hardening=0.1, log_interval=4)
+    algorithm = FFFReplace(min_width=0, depth=2, form="leaf", leaf_width=16, hardening=0.1, log_interval=4)
     trainer = make_trainer(model, fixed_batches(batch), tmp_path, [algorithm], logger=logger, max_duration="8ba")
     trainer.fit()
     assert sum(isinstance(layer.intermediate, FFF) for layer in model.model.bert.encoder.layer) == 4
@@ -36,7 +36,7 @@ def test_tiny_bert_mlm_trains_with_leaf_trees_and_hardening(tmp_path):
 def test_vit_and_encoder_layer_models_train_with_neuron_trees(kind, tmp_path):
     model, batch = classifier_and_batch(kind)
     logger = InMemoryLogger()
-    algorithm = FFFReplace(depth=3)
+    algorithm = FFFReplace(min_width=0, depth=3)
     trainer = make_trainer(model, fixed_batches(batch), tmp_path, [algorithm], logger=logger, max_duration="8ba")
     trainer.fit()
     assert len(algorithm.reports[0].replaced) == 2
@@ -56,7 +56,7 @@ def soft_tree_model():
 
 def test_hardening_loss_is_added_after_the_loss_with_its_ramp():
     model, entropy = soft_tree_model()
-    algorithm = FFFReplace(depth=2, form="leaf", hardening=0.5, hardening_ramp="100ba")
+    algorithm = FFFReplace(min_width=0, depth=2, form="leaf", hardening=0.5, hardening_ramp="100ba")
     loss = torch.tensor(1.0)
     state = fake_state(model, loss, batch=50)
     assert algorithm.match(Event.AFTER_LOSS, state)
@@ -87,7 +87,8 @@ def test_training_aids_work_on_their_own_on_trees_built_by_hand():
 
 
 def test_hard_training_switch_and_ddp_flag(composer_model_factory, train_dataloader, tmp_path):
-    algorithm = FFFReplace(depth=2, form="leaf", leaf_width=4, target_modules=["0"], hard_training_at="2ba")
+    algorithm = FFFReplace(min_width=0, depth=2, form="leaf", leaf_width=4, target_modules=["0"],
+                           hard_training_at="2ba")
     assert algorithm.find_unused_parameters  # DDP must tolerate parameters hard routing leaves without gradient
     trainer = make_trainer(composer_model_factory(), train_dataloader, tmp_path, [algorithm], max_duration="1ba")
     tree = trainer.state.model.module[0]
@@ -98,7 +99,7 @@ def test_hard_training_switch_and_ddp_flag(composer_model_factory, train_dataloa
 
 
 def test_dense_init_calibrates_on_the_train_dataloader(composer_model_factory, train_dataloader, tmp_path):
-    algorithm = FFFReplace(depth=1, form="leaf", leaf_width=32, init="dense", calibration_batches=2)
+    algorithm = FFFReplace(min_width=0, depth=1, form="leaf", leaf_width=32, init="dense", calibration_batches=2)
     model = composer_model_factory()
     trainer = make_trainer(model, train_dataloader, tmp_path, [algorithm], max_duration="2ba")
     assert isinstance(model.module[0], torch.nn.Linear)  # waits for the dataloader (FIT_START)
@@ -110,7 +111,8 @@ def test_dense_init_calibrates_on_the_train_dataloader(composer_model_factory, t
 def test_resume_with_the_training_aids_is_bit_exact(composer_model_factory, train_dataloader, tmp_path):
     """The hardening loss lives in the algorithm: a resumed run that should keep it passes FFFReplace again."""
     def algorithm():
-        return FFFReplace(depth=2, form="leaf", leaf_width=4, hardening=0.5, hardening_ramp="3ba", log_interval=1,
+        return FFFReplace(min_width=0, depth=2, form="leaf", leaf_width=4, hardening=0.5, hardening_ramp="3ba",
+                          log_interval=1,
                           target_modules=["0"])
 
     straight = make_trainer(composer_model_factory(), train_dataloader, tmp_path, [algorithm()])
@@ -122,7 +124,7 @@ def test_resume_with_the_training_aids_is_bit_exact(composer_model_factory, trai
 
 
 def dense_fff_in_mid_training():
-    return FFFReplace(depth=2, init="dense", calibration_batches=1, apply_at="1ba")
+    return FFFReplace(min_width=0, depth=2, init="dense", calibration_batches=1, apply_at="1ba")
 
 
 def test_passed_again_to_a_model_it_converted_it_is_a_clean_no_op(tmp_path):
@@ -154,9 +156,9 @@ def test_resume_with_dense_fff_in_mid_training_passed_again_is_bit_exact(tmp_pat
 
 def test_bad_arguments_fail_at_construction_and_repr_round_trips():
     with pytest.raises(ValueError, match="hardening_ramp='soon' is not a Composer time"):
-        FFFReplace(depth=2, hardening_ramp="soon")
+        FFFReplace(min_width=0, depth=2, hardening_ramp="soon")
     with pytest.raises(ValueError, match="hardening=-1 must be a number >= 0"):
-        FFFReplace(depth=2, hardening=-1)
-    algorithm = FFFReplace(depth=4, form="leaf", leaf_width=16, hardening=0.1, hardening_ramp="0.5dur")
+        FFFReplace(min_width=0, depth=2, hardening=-1)
+    algorithm = FFFReplace(min_width=0, depth=4, form="leaf", leaf_width=16, hardening=0.1, hardening_ramp="0.5dur")
     assert repr(eval(repr(algorithm), vars(algos))) == repr(algorithm)
     assert copy.deepcopy(algorithm).config.leaf_width == 16

@@ -14,7 +14,7 @@ from tests.fff.test_apply import trained_digits_mlp
 @pytest.mark.parametrize("form,init", [("neuron", "dense"), ("leaf", "dense"), ("neuron", "scratch")])
 def test_fitting_lowers_the_block_error_on_held_out_tokens(form, init):
     model, x, _ = trained_digits_mlp()
-    report = apply_fff(model, depth=3, form=form, leaf_width=16, init=init, fit_steps=200, fit_lr=1e-2,
+    report = apply_fff(model, min_width=0, depth=3, form=form, leaf_width=16, init=init, fit_steps=200, fit_lr=1e-2,
                        calibration=x)
     notes = report.replaced[0].notes
     assert notes["fit_error_after"] < 0.85 * notes["fit_error_before"], notes
@@ -34,7 +34,8 @@ def test_zero_fit_steps_is_bit_exact_with_no_fitting():
     results = []
     for settings in ({}, {"fit_steps": 0, "fit_lr": 0.5}):
         model = copy.deepcopy(trained)
-        report = apply_fff(model, depth=2, form="leaf", leaf_width=8, init="dense", calibration=x, **settings)
+        report = apply_fff(model, min_width=0, depth=2, form="leaf", leaf_width=8, init="dense", calibration=x,
+                           **settings)
         results.append((report.replaced[0].notes, model.state_dict()))
     (notes, state), (notes_zero, state_zero) = results
     assert notes == notes_zero and "fit_error_after" not in notes
@@ -46,7 +47,7 @@ def test_fitting_is_deterministic():
     states = []
     for _ in range(2):
         model = copy.deepcopy(trained)
-        apply_fff(model, depth=2, form="leaf", leaf_width=8, region_leak=0.1, init="dense", fit_steps=20,
+        apply_fff(model, min_width=0, depth=2, form="leaf", leaf_width=8, region_leak=0.1, init="dense", fit_steps=20,
                   calibration=x)
         states.append(model.state_dict())
     assert all(torch.equal(value, states[1][key]) for key, value in states[0].items())
@@ -67,7 +68,7 @@ def test_bad_fit_settings_are_one_line_errors_and_the_model_is_untouched(kwargs,
     model, _, _ = trained_digits_mlp(steps=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(SurgeryError, match=message) as error:
-        apply_fff(model, depth=2, **kwargs)
+        apply_fff(model, min_width=0, depth=2, **kwargs)
     assert "\n" not in str(error.value)
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -108,7 +108,7 @@ def final_weights(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe, extra", [("fff.yaml", []),  # surgery at INIT
+@pytest.mark.parametrize("recipe, extra", [("fff.yaml", ["algorithms.fff.min_width=0"]),  # surgery at INIT
                                            ("factorize.yaml", ["algorithms.factorize.min_features=32"])],  # at 3ba
                          ids=["fff", "factorize"])
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, recipe, extra):

@@ -42,7 +42,8 @@ RECIPE_BASE = {"factorize.yaml": "resnet56_cifar10.yaml", "fff.yaml": "vit_cifar
                "heal_fnet.yaml": "minilm_sentences.yaml"}
 # Recipes whose fitting would dominate a two-batch smoke run: fewer fit steps (the fitting has its own tests).
 SMOKE_OVERRIDES = {"heal_factorize.yaml": ["algorithms.factorize.fit_steps=2"],
-                   "heal_fff.yaml": ["algorithms.fff.fit_steps=2"]}
+                   "heal_fff.yaml": ["algorithms.fff.fit_steps=2"],
+                   "fast_bert.yaml": ["algorithms.fff.min_width=0"]}  # the offline BERT is 64 wide
 # The seq2seq / prefix-LM runs keep their own offline data (span corruption of Python's docs, built in a second),
 # with a short timed generation.
 REAL_DATA = {"bart_span_corruption.yaml", "gpt2_prefix_lm.yaml"}
@@ -101,7 +102,7 @@ def test_cifar10_mlp_with_fff_trains_two_batches_and_without_data_stops_in_one_l
 
 def test_run_directory_wandb_report_and_no_overwrite(tmp_path, capsys):
     config = smoke_config(["digits_mlp.yaml", "fff.yaml"], tmp_path, "data={name: digits, batch_size: 32}",
-                          "model.width=32", "model.hidden=64")
+                          "model.width=32", "model.hidden=64", "algorithms.fff.min_width=0")
     summary = run(config)
     out = capsys.readouterr().out
     assert "summary of 't' (2 batches)" in out and "FFFReplace surgery" in out and "train samples/s" in out
@@ -249,7 +250,8 @@ def test_two_process_ddp_run_through_composers_launcher(tmp_path):
     run_dir = tmp_path / "ddp"
     command = [sys.executable, "-m", "composer.cli.launcher", "-n", "2", "--master_port", str(_free_port()),
                "-m", "algos.run", str(ROOT / "yamls/digits_mlp.yaml"), str(ROOT / "recipes/fff.yaml"),
-               "model.width=32", "model.hidden=64", *TWO_BATCHES, "trainer.max_duration=3ba", f"run.dir={run_dir}",
+               "model.width=32", "model.hidden=64", "algorithms.fff.min_width=0", *TWO_BATCHES,
+               "trainer.max_duration=3ba", f"run.dir={run_dir}",
                "loggers={}"]
     env = {**os.environ, "WANDB_MODE": "offline", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -108,11 +108,12 @@ ALGORITHMS = {
     "Factorize-at-1ba": lambda: Factorize(rank=4, min_features=1, apply_at="1ba"),
     # surgery at the very batch end the checkpoint is saved: new parameters not stepped yet
     "Factorize-at-2ba": lambda: Factorize(rank=4, min_features=1, apply_at="2ba"),
-    "FFF-neuron": lambda: FFFReplace(depth=2, target_modules=["0"]),
+    "FFF-neuron": lambda: FFFReplace(min_width=0, depth=2, target_modules=["0"]),
     # soft training with region leak draws random numbers: Composer's checkpointed RNG state must replay them
-    "FFF-leaf-leak": lambda: FFFReplace(depth=2, form="leaf", leaf_width=4, region_leak=0.1, target_modules=["0"]),
-    "FFF-at-1ba": lambda: FFFReplace(depth=2, target_modules=["0"], apply_at="1ba"),
-    "FFF-dense-fit": lambda: FFFReplace(depth=2, init="dense", fit_steps=50),
+    "FFF-leaf-leak": lambda: FFFReplace(min_width=0, depth=2, form="leaf", leaf_width=4, region_leak=0.1,
+                                        target_modules=["0"]),
+    "FFF-at-1ba": lambda: FFFReplace(min_width=0, depth=2, target_modules=["0"], apply_at="1ba"),
+    "FFF-dense-fit": lambda: FFFReplace(min_width=0, depth=2, init="dense", fit_steps=50),
 }
 
 
@@ -216,7 +217,7 @@ def test_recorded_surgery_wins_over_recomputing_it_on_resume(composer_model_fact
 def test_load_model_gives_the_trained_surgered_model_back_outside_a_trainer(composer_model_factory, train_dataloader,
                                                                            tmp_path, into):
     algorithms = [Factorize(energy=0.5, rank_multiple=1, min_features=1, target_modules=["0"]),
-                  FFFReplace(depth=2, target_modules=["3"], apply_at="1ba")]
+                  FFFReplace(min_width=0, depth=2, target_modules=["3"], apply_at="1ba")]
     trainer = make_trainer(composer_model_factory(), train_dataloader, tmp_path, algorithms)
     trainer.fit()
     trained = trainer.state.model.eval()
@@ -247,7 +248,8 @@ def test_load_model_into_a_hugging_face_network_with_several_surgeries(tmp_path)
     from tests.models import fixed_batches, tiny_mlm_and_batch
 
     model, batch = tiny_mlm_and_batch()
-    algorithms = [algos.FNetMixing(keep_attention_layers=[-1]), FFFReplace(depth=2, form="leaf", leaf_width=8)]
+    algorithms = [algos.FNetMixing(keep_attention_layers=[-1]), FFFReplace(min_width=0, depth=2, form="leaf",
+                                                                           leaf_width=8)]
     trainer = make_trainer(model, fixed_batches(batch), tmp_path, algorithms, max_duration="2ba")
     trainer.fit()
     network = tiny_mlm_and_batch()[0].model  # the BertForMaskedLM itself; the checkpoint's names start "model."

@@ -103,7 +103,8 @@ def test_plan_names_the_targets_without_touching_the_model():
 
     model, _ = classifier_and_batch("vit")
     before = {name: p.clone() for name, p in model.named_parameters()}
-    targets, skipped = FFFReplace(depth=3, init="dense", target_modules=["encoder_layer_1.mlp"]).plan(model)
+    targets, skipped = FFFReplace(min_width=0, depth=3, init="dense",
+                                  target_modules=["encoder_layer_1.mlp"]).plan(model)
     assert targets == ["module.encoder.layers.encoder_layer_1.mlp"] and skipped == []
     targets, _ = FNetMixing(keep_attention_layers=[-1]).plan(model)
     assert len(targets) == 2  # selection only: keeping the last layer is the converter's decision
