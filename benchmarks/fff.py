@@ -5,10 +5,14 @@ Prints markdown.
     .venv/bin/python benchmarks/fff.py                       # all parts (`make` installs the package into .venv)
     .venv/bin/python benchmarks/fff.py --parts block --batches 1,512 [--compile]
 
-(a) block: dense 768-3072-768 GELU vs FFF neuron form depth 11 (12 of 4095 neurons per token; mirrored and
-    UltraFastBERT's form), a leaf form of about the dense parameter count (depth 4, leaves 192 wide), and
-    fastfeedforward's FFF with the same leaf widths, at the given token batches. Inference (eval, inference_mode).
+(a) block: dense 768-3072-768 GELU vs FFF neuron form depth 11 (12 of 4095 neurons per token; each node variant,
+    and the mirrored one on its PyTorch path, without the compiled kernels), a leaf form of about the dense parameter
+    count (depth 4, leaves 192 wide), and fastfeedforward's FFF with the same leaf widths, at the given token
+    batches. Inference (eval, inference_mode).
 (b) bert: BERT-base-size BertModel (HF config, random init), every FFN dense vs FFF, batch 32 x 128.
+(w) width: speed-up against layer width w = 2^8 .. 2^14 (in = out = w) over a w x w Linear and a w -> 4w -> w block,
+    neuron form at depth log2(w) - 1, leaf form and fastfeedforward of about the w x w layer's parameters, at 1 and
+    512 tokens; the crossover widths, and a log-log plot (--plot, docs/fff_width.png).
 (c) accuracy: scikit-learn digits (8x8 images, ``algos.run.data.digits_dataloaders``: 1,438 train / 359 held out);
     dense MLP vs FFF forms at about the same parameter count, trained the same way (``algos.bench.train_steps``); then
     a trained wider MLP converted to FFF by dense vs scratch init: relative output error, accuracy right after
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 from collections.abc import Callable
 
@@ -27,8 +32,25 @@ from torch import nn
 
 from algos import FFF, apply_fff
 from algos.bench import loader_accuracy, markdown_table, run_parts, time_forward, train_steps
+from algos.fff import kernels
+from algos.fff.tree import NODES
 from algos.run.data import digits_dataloaders
 from algos.surgery import count_params
+
+
+class PyTorchPath(nn.Module):
+    """A neuron-form tree run with the compiled kernels switched off (``algos.fff.kernels.ENABLED``)."""
+
+    def __init__(self, tree: FFF):
+        super().__init__()
+        self.tree = tree
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        enabled, kernels.ENABLED = kernels.ENABLED, False
+        try:
+            return self.tree(x)
+        finally:
+            kernels.ENABLED = enabled
 
 
 def dense_block(d: int = 768, hidden: int = 3072) -> nn.Module:
@@ -41,14 +63,14 @@ def block(batches: list[int], repeats: int, compile_: bool) -> str:
     torch.manual_seed(0)
     models = {
         "dense 768-3072-768": dense_block(),
-        "FFF neuron depth 11 (mirrored)": FFF(768, 768, 11),
-        "FFF neuron depth 11 (UltraFastBERT form)": FFF(768, 768, 11, mirrored=False),
+        **{f"FFF neuron depth 11, node={node}": FFF(768, 768, 11, node=node) for node in NODES},
+        "FFF neuron depth 11, node=mirrored, PyTorch path": PyTorchPath(FFF(768, 768, 11)),
         "FFF leaf depth 4 x 192": FFF(768, 768, 4, form="leaf", leaf_width=192),
         "fastfeedforward FFF depth 4 x 192 (peer)": PeerFFF(768, 192, 768, 4, activation=nn.GELU()),
     }
     if compile_:
-        models["FFF neuron depth 11 (mirrored), torch.compile"] = torch.compile(copy.deepcopy(
-            models["FFF neuron depth 11 (mirrored)"]), dynamic=True)
+        models["FFF neuron depth 11, node=mirrored, PyTorch path, torch.compile"] = torch.compile(
+            PyTorchPath(FFF(768, 768, 11)), dynamic=True)
     out = ["### FFN block, inference, d 768 (ratios: dense time / candidate time)\n"]
     headers = ["block", "params"] + [f"{b} tokens" for b in batches]
     rows = {name: [name, f"{count_params(model) / 1e6:.2f} M"] for name, model in models.items()}
@@ -86,6 +108,81 @@ def bert(repeats: int) -> str:
             + markdown_table(["model", "params", "median forward", "speed-up"], rows) + "\n")
 
 
+def leaf_shape(width: int) -> tuple[int, int]:
+    """Leaf-form depth and leaf width for a w -> w tree of about the w x w layer's parameters: 2^D leaves of
+    w / 2^(D+1) units each (w / 2 hidden units in all, each with w inputs and w outputs), D = floor(log2(w) / 2)."""
+    depth = int(math.log2(width)) // 2
+    return depth, max(1, width // 2 ** (depth + 1))
+
+
+def width_curve(widths: list[int], batches: list[int], repeats: int, plot: str | None,
+                max_dense: float = 2**30) -> str:
+    """Speed-up of FFF trees over dense layers of growing width w (in = out = w), inference: against a single w x w
+    Linear (the reference FFF repository's baseline) and a w -> 4w -> w GELU block; the neuron form at depth
+    log2(w) - 1 (w - 1 nodes, log2(w) of them per token), the leaf form of about the w x w layer's parameters
+    (``leaf_shape``) and the fastfeedforward package's FFF of the same leaf shape. Dense baselines of more than
+    ``max_dense`` parameters are not built."""
+    from fastfeedforward import FFF as PeerFFF
+
+    headers = ["width", "tree", "params"] + [f"{b} tok vs {base}" for b in batches for base in ("w x w", "w-4w-w")]
+    rows, curves = [], {}
+    for width in widths:
+        torch.manual_seed(0)
+        depth = int(math.log2(width)) - 1
+        leaf_depth, leaf_width = leaf_shape(width)
+        dense = {"w x w": nn.Linear(width, width)}
+        if 8 * width * width <= max_dense:
+            dense["w-4w-w"] = dense_block(width, 4 * width)
+        trees = {f"neuron depth {depth}": FFF(width, width, depth),
+                 f"leaf {leaf_depth} x {leaf_width}": FFF(width, width, leaf_depth, form="leaf", leaf_width=leaf_width),
+                 f"fastfeedforward {leaf_depth} x {leaf_width} (peer)": PeerFFF(width, leaf_width, width, leaf_depth,
+                                                                                activation=nn.GELU())}
+        cells = {name: [] for name in trees}
+        for batch in batches:
+            seconds = time_forward({**dense, **trees}, torch.randn(batch, width), repeats=repeats)
+            for name in trees:
+                for base in ("w x w", "w-4w-w"):
+                    ratio = seconds[base] / seconds[name] if base in seconds else None
+                    cells[name].append(f"{ratio:.2f}x" if ratio else "(not built)")
+                    if ratio:
+                        curves.setdefault((name.split(" ")[0], batch, base), []).append((width, ratio))
+        rows += [[str(width), name, f"{count_params(tree) / 1e6:.2f} M", *cells[name]] for name, tree in trees.items()]
+    out = ["### Speed-up against layer width (in = out = w), inference (ratios: dense time / tree time)\n",
+           markdown_table(headers, rows), ""]
+    for (form, batch, base), points in sorted(curves.items()):
+        faster = [w for w, ratio in points if ratio > 1]
+        out.append(f"- {form}, {batch} token{'s' if batch > 1 else ''}, vs {base}: "
+                   + (f"faster from width {faster[0]}" if faster else "never faster in this range")
+                   + f" ({', '.join(f'{w}: {r:.2f}x' for w, r in points)})")
+    if plot:
+        out.append(f"\nPlot: {plot}")
+        plot_curves(curves, plot)
+    return "\n".join(out) + "\n"
+
+
+def plot_curves(curves: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for axis, base in zip(axes, ("w x w", "w-4w-w"), strict=True):
+        for (form, batch, line_base), points in sorted(curves.items()):
+            if line_base == base:
+                widths, ratios = zip(*points, strict=True)
+                axis.plot(widths, ratios, marker="o", linestyle="-" if batch == 1 else "--",
+                          label=f"{form}, {batch} token{'s' if batch > 1 else ''}")
+        axis.axhline(1, color="gray", linewidth=0.8)
+        axis.set(xscale="log", yscale="log", xlabel="width w (in = out)", title=f"vs dense {base}")
+        axis.set_xscale("log", base=2)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("speed-up (dense time / tree time)")
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def hardening_loss(weight: float) -> Callable[[nn.Module], torch.Tensor] | None:
     """``extra_loss`` for ``train_steps``: ``weight`` x the mean decision entropy the leaf-form trees' last soft
     forward left (``FFF.last_entropy``); None (no extra loss) for weight 0."""
@@ -103,9 +200,10 @@ def accuracy(steps: int, seeds: int) -> str:
     held_out = len(val.dataset)
     variants = {
         "dense MLP 64-64-10 (GELU)": (lambda: nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 10)), 0.0),
-        "FFF neuron depth 5, mirrored (ours)": (lambda: FFF(64, 10, 5), 0.0),
-        "FFF neuron depth 4, mirrored (ours)": (lambda: FFF(64, 10, 4), 0.0),
-        "FFF neuron depth 5, UltraFastBERT form": (lambda: FFF(64, 10, 5, mirrored=False), 0.0),
+        "FFF neuron depth 5, node=mirrored (ours)": (lambda: FFF(64, 10, 5), 0.0),
+        "FFF neuron depth 4, node=mirrored (ours)": (lambda: FFF(64, 10, 4), 0.0),
+        "FFF neuron depth 5, node=ultrafastbert": (lambda: FFF(64, 10, 5, node="ultrafastbert"), 0.0),
+        "FFF neuron depth 5, node=linear": (lambda: FFF(64, 10, 5, node="linear"), 0.0),
         "FFF leaf depth 2 x 16, hardening 0.1": (lambda: FFF(64, 10, 2, form="leaf", leaf_width=16), 0.1),
     }
     rows = []
@@ -153,11 +251,16 @@ def main() -> None:
     parser.add_argument("--batches", default="1,32,512,4096", help="token batches for the block part")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--compile", action="store_true", help="add a torch.compile'd neuron-form row")
+    parser.add_argument("--widths", default=",".join(str(2**k) for k in range(6, 15)), help="widths for the width part")
+    parser.add_argument("--width-batches", default="1,512", help="token batches for the width part")
+    parser.add_argument("--plot", default="docs/fff_width.png", help="the width part's plot ('' for none)")
     parser.add_argument("--steps", type=int, default=800, help="training steps for the accuracy part")
     parser.add_argument("--seeds", type=int, default=3)
     run_parts(parser, {
         "block": lambda args: block([int(n) for n in args.batches.split(",")], args.repeats, args.compile),
         "bert": lambda args: bert(max(3, args.repeats // 2)),
+        "width": lambda args: width_curve([int(n) for n in args.widths.split(",")],
+                                          [int(n) for n in args.width_batches.split(",")], args.repeats, args.plot),
         "accuracy": lambda args: accuracy(args.steps, args.seeds),
     })
 

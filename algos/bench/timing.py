@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -69,16 +70,43 @@ def time_forward(models: dict[str, nn.Module], inputs, *, repeats: int = 5) -> d
     return {name: median(values) for name, values in times.items()}
 
 
+def time_train_step(models: dict[str, nn.Module], inputs: dict, *, repeats: int = 5,
+                    optimizer=torch.optim.AdamW) -> dict[str, float]:
+    """Median seconds of one training step of each model (train mode; zero_grad, forward, backward, optimizer
+    step), interleaved. Each model's forward takes ``inputs`` as keyword arguments and returns the loss."""
+    def step(model: nn.Module):
+        model.train()
+        opt = optimizer(model.parameters())
+
+        def run():
+            opt.zero_grad()
+            model(**inputs).backward()
+            opt.step()
+        return run
+
+    times = time_interleaved({name: step(model) for name, model in models.items()}, repeats=repeats)
+    return {name: median(values) for name, values in times.items()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; the platform's processor string elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def run_parts(parser: argparse.ArgumentParser, parts: dict[str, Callable[[argparse.Namespace], str]]) -> None:
     """Add ``--parts`` (all by default) to ``parser``, run each chosen part with the parsed arguments, print its
-    markdown after a line naming torch and the thread count."""
+    markdown after a line naming the CPU (or GPU) model, the thread count and torch."""
     parser.add_argument("--parts", default=",".join(parts), help=f"comma-separated, from: {', '.join(parts)}")
     args = parser.parse_args()
     chosen = args.parts.split(",")
     unknown = sorted(set(chosen) - parts.keys())
     if unknown:
         parser.error(f"unknown part(s) {unknown}; choose from {sorted(parts)}")
-    device = "CUDA" if torch.cuda.is_available() else "CPU"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}\n")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_model()
+    print(f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
     for name in chosen:
         print(parts[name](args))

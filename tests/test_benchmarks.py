@@ -1,0 +1,37 @@
+"""The benchmark scripts still run (tiny sizes, one repeat; nothing about their timings is asserted: the machine is
+shared and noisy, and speed is checked by running them, see docs/BENCHMARKS.md)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(*arguments: str) -> str:
+    result = subprocess.run([sys.executable, *arguments], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_fff_width_part_at_two_tiny_widths(tmp_path):
+    pytest.importorskip("fastfeedforward")
+    plot = tmp_path / "width.png"
+    out = run_benchmark("benchmarks/fff.py", "--parts", "width", "--widths", "16,32", "--width-batches", "1,4",
+                        "--repeats", "1", "--plot", str(plot))
+    for width, depth, leaf in (("16", 3, "2 x 2"), ("32", 4, "2 x 4")):
+        assert f"| {width:<7} | neuron depth {depth}" in out and f"leaf {leaf}" in out
+    assert out.count(", vs w-4w-w: ") == 6 and out.count(", vs w x w: ") == 6  # 3 trees x 2 batches each
+    assert plot.stat().st_size > 10_000  # a PNG with two panels was written
+
+
+@pytest.mark.slow
+def test_training_step_benchmark_runs_every_surgery():
+    pytest.importorskip("transformers")
+    out = run_benchmark("benchmarks/train_step.py", "--layers", "1", "--batch", "1", "--length", "16",
+                        "--repeats", "1")
+    for row in ("dense", "Factorize rank 25%", "FFF neuron depth 11", "FFF leaf 4 x 192, hard path", "FNet rfft",
+                "no FFN at all"):
+        assert f"| {row}" in out
