@@ -138,6 +138,13 @@ class FFF(nn.Module):
         the surgery's weightless record after ``fit_steps``, failed)."""
         return {**super().__getstate__(), "last_entropy": None}
 
+    def __setstate__(self, state: dict) -> None:
+        """Trees pickled before ``node`` replaced ``mirrored`` (a bool) load as the same variant."""
+        if "node" not in state:
+            mirrored = state.pop("mirrored", True)
+            state["node"] = None if state["form"] == "leaf" else "mirrored" if mirrored else "ultrafastbert"
+        super().__setstate__(state)
+
     @property
     def mirrored(self) -> bool:
         """Neuron form with an output vector per branch (``node="mirrored"``)."""

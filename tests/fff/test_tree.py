@@ -291,3 +291,15 @@ def test_leaf_tree_copies_and_pickles_after_a_soft_training_forward():
         assert torch.equal(twin.eval()(x), tree.eval()(x))
         tree.train()
     assert tree.last_entropy is not None
+
+
+@pytest.mark.parametrize("mirrored, node", [(True, "mirrored"), (False, "ultrafastbert")])
+def test_a_tree_pickled_with_the_old_mirrored_flag_loads_as_its_node_variant(mirrored, node):
+    tree = random_tree("neuron", 2, node)
+    state = tree.__getstate__()
+    del state["node"]
+    state["mirrored"] = mirrored  # what FFF.__dict__ held before the node argument
+    old = FFF.__new__(FFF)
+    old.__setstate__(state)
+    x = torch.randn(5, 24)
+    assert old.node == node and torch.equal(old(x), tree(x))
