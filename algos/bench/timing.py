@@ -18,12 +18,13 @@ from tabulate import tabulate
 from torch import nn
 
 
-def time_interleaved(candidates: dict[str, Callable[[], object]], *, repeats: int = 5, warmup: int = 1,
+def time_interleaved(candidates: dict[str, Callable[[], object]], *, repeats: int = 5, warmup: int = 2,
                      min_time: float = 0.02) -> dict[str, list[float]]:
     """Seconds per call of each candidate, ``repeats`` times each, interleaved; CUDA work is synchronised.
 
     Each measurement runs a candidate enough times back to back to take at least ``min_time`` seconds (like
-    ``timeit``'s autorange), so sub-millisecond calls are not lost in timer and scheduling noise."""
+    ``timeit``'s autorange), so sub-millisecond calls are not lost in timer and scheduling noise; that count comes
+    from the last warm-up round, so a first call that compiles (numba, torch.compile) does not set it."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
     loops: dict[str, int] = {}
     for index in range(warmup):
