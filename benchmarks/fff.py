@@ -232,7 +232,7 @@ def accuracy(steps: int, seeds: int) -> str:
     for form, kwargs, init, hard in conversions:
         model = copy.deepcopy(dense)
         torch.manual_seed(0)
-        report = apply_fff(model, form=form, init=init, calibration=calibration, **kwargs)
+        report = apply_fff(model, form=form, init=init, calibration=calibration, min_width=0, **kwargs)
         converted = loader_accuracy(model, val)
         model[1].hard_training = hard
         tuned = loader_accuracy(train_steps(model, train, steps // 4, lr=3e-3), val)
