@@ -208,7 +208,7 @@ class FFF(nn.Module):
 
     # -- neuron form ---------------------------------------------------------------------------------------------
 
-    def _neuron_fast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _neuron_fast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not kernels.available(self, x):
             return self._neuron_fast_batched(x)
         args = (x, self.node_weight, self.node_bias, self.node_out, self.out_bias, self.depth + 1, self.mirrored,
@@ -217,7 +217,8 @@ class FFF(nn.Module):
             y, path = kernels.NeuronTree.apply(*args)
         else:
             y, path, _ = kernels.neuron_forward(*args)
-        return y, path[:, -1] - (2**self.depth - 1)
+        # the bottom node reached, for the usage counter (training only: a few microseconds a single token can save)
+        return y, path[:, -1] - (2**self.depth - 1) if self.training else None
 
     def _neuron_fast_batched(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
@@ -284,7 +285,7 @@ class FFF(nn.Module):
         return tokens * (self.depth + 1) * self.in_features if self.form == "neuron" else 0
 
     @torch.no_grad()
-    def _count(self, bottom: torch.Tensor) -> None:
+    def _count(self, bottom: torch.Tensor | None) -> None:
         if self.training:
             self.leaf_usage += torch.bincount(bottom.reshape(-1), minlength=self.leaf_usage.numel())
 
