@@ -34,18 +34,10 @@ except ImportError:  # the PyTorch path runs instead
 # The activations the kernels know, by code; "identity" is the linear node's.
 CODES = {"gelu": 0, "relu": 1, "silu": 2, "tanh": 3, "identity": 4}
 ENABLED = numba is not None  # set False to force the PyTorch path (the tests run both)
-SERIAL_BELOW = 64  # tokens: smaller batches run the serial build of a kernel
 
 if numba is not None:
     _SQRT_HALF = 1 / math.sqrt(2)
     _INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
-
-    def _parallel_and_serial(function):
-        """A per-token kernel compiled twice: parallel over tokens, and serial for batches below
-        ``SERIAL_BELOW`` tokens, where waking numba's threads costs more than they save (and they compete with
-        PyTorch's OpenMP threads, which spin for a while after each of its parallel ops)."""
-        return (njit(parallel=True, fastmath=True, cache=True)(function),
-                njit(fastmath=True, cache=True)(function))
 
     @njit(inline="always")
     def _act(m, code):
@@ -73,7 +65,7 @@ if numba is not None:
             return 1.0 - t * t
         return 1.0
 
-    @_parallel_and_serial
+    @njit(parallel=True, fastmath=True, cache=True)
     def _forward(x, weight, bias, out, out_bias, levels, mirrored, code, y, path, logit):
         """y (tokens, d_out), and each token's visited nodes ``path`` and their logits ``logit`` (tokens, levels)."""
         for t in prange(x.shape[0]):
@@ -91,7 +83,7 @@ if numba is not None:
                 path[t, level], logit[t, level] = node, z
                 node = 2 * node + 1 + right
 
-    @_parallel_and_serial
+    @njit(parallel=True, fastmath=True, cache=True)
     def _route(x, weight, bias, depth, leaf):
         """The leaf form's hard routing: the leaf (0 .. 2^depth - 1) each token reaches."""
         for t in prange(x.shape[0]):
@@ -103,7 +95,7 @@ if numba is not None:
                 node = 2 * node + 1 + (1 if z > 0 else 0)
             leaf[t] = node - (2**depth - 1)
 
-    @_parallel_and_serial
+    @njit(parallel=True, fastmath=True, cache=True)
     def _backward_tokens(grad_y, weight, out, path, logit, mirrored, code, grad_x, grad_logit, coefficient):
         """Per token: dL/dz_l and a_l (tokens, levels), and dL/dx when ``grad_x`` has rows."""
         for t in prange(path.shape[0]):
@@ -176,33 +168,31 @@ def _numpy(tensor: torch.Tensor) -> numpy.ndarray:
     return tensor.detach().contiguous().numpy()
 
 
-def _kernel(builds, tokens: int):
-    """The build of a per-token kernel for this many tokens (see ``_parallel_and_serial``); sets numba's thread
-    count to PyTorch's for the parallel one."""
-    if tokens < SERIAL_BELOW:
-        return builds[1]
+def _set_threads() -> None:
+    """numba's threads follow PyTorch's thread count (``torch.set_num_threads``)."""
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if numba.get_num_threads() != threads:
         numba.set_num_threads(threads)
-    return builds[0]
 
 
 def neuron_forward(x, weight, bias, out, out_bias, levels: int, mirrored: bool, code: int):
     """y (tokens, d_out) and the path (tokens, levels) as tensors, plus the logits (for the backward)."""
+    _set_threads()
     tokens = x.shape[0]
     y = numpy.empty((tokens, out.shape[-1]), dtype=_numpy(x).dtype)
     path = numpy.empty((tokens, levels), dtype=numpy.int64)
     logit = numpy.empty((tokens, levels), dtype=y.dtype)
-    _kernel(_forward, tokens)(_numpy(x), _numpy(weight), _numpy(bias), _numpy(out.flatten(0, 1)), _numpy(out_bias),
-                              levels, mirrored, code, y, path, logit)
+    _forward(_numpy(x), _numpy(weight), _numpy(bias), _numpy(out.flatten(0, 1)), _numpy(out_bias), levels,
+             mirrored, code, y, path, logit)
     return torch.from_numpy(y), torch.from_numpy(path), torch.from_numpy(logit)
 
 
 def leaf_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, depth: int) -> torch.Tensor:
     """The leaf each token (row of x) reaches on the hard path, as a tensor of int64 (no gradient: hard routing
     has none)."""
+    _set_threads()
     leaf = numpy.empty(x.shape[0], dtype=numpy.int64)
-    _kernel(_route, x.shape[0])(_numpy(x), _numpy(weight), _numpy(bias), depth, leaf)
+    _route(_numpy(x), _numpy(weight), _numpy(bias), depth, leaf)
     return torch.from_numpy(leaf)
 
 
@@ -221,6 +211,7 @@ class NeuronTree(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, _grad_path):
         x, weight, out, path, logit = ctx.saved_tensors
+        _set_threads()
         tokens, levels = path.shape
         gy, np_path, np_logit = _numpy(grad_y.to(x.dtype)), path.numpy(), logit.numpy()
         need_x = ctx.needs_input_grad[0]
@@ -228,12 +219,12 @@ class NeuronTree(torch.autograd.Function):
         grad_logit = numpy.empty((tokens, levels), dtype=gy.dtype)
         coefficient = numpy.empty((tokens, levels), dtype=gy.dtype)
         flat_out = _numpy(out.flatten(0, 1))
-        _kernel(_backward_tokens, tokens)(gy, _numpy(weight), flat_out, np_path, np_logit, ctx.mirrored, ctx.code,
-                                          grad_x, grad_logit, coefficient)
+        _backward_tokens(gy, _numpy(weight), flat_out, np_path, np_logit, ctx.mirrored, ctx.code, grad_x,
+                         grad_logit, coefficient)
         grad_weight = numpy.zeros(weight.shape, dtype=gy.dtype)
         grad_bias = numpy.zeros(weight.shape[0], dtype=gy.dtype)
         grad_out = numpy.zeros(flat_out.shape, dtype=gy.dtype)
-        chunks = max(1, min(numba.get_num_threads() * 4, x.shape[1] // 16)) if tokens >= SERIAL_BELOW else 1
+        chunks = max(1, min(numba.get_num_threads() * 4, x.shape[1] // 16))
         _backward_params(_numpy(x), gy, np_path, np_logit, grad_logit, coefficient, ctx.mirrored, chunks,
                          grad_weight, grad_bias, grad_out)
         return (torch.from_numpy(grad_x) if need_x else None, torch.from_numpy(grad_weight),
