@@ -303,3 +303,23 @@ def test_a_tree_pickled_with_the_old_mirrored_flag_loads_as_its_node_variant(mir
     old.__setstate__(state)
     x = torch.randn(5, 24)
     assert old.node == node and torch.equal(old(x), tree(x))
+
+
+@pytest.mark.parametrize("depth,batch", [(0, 1), (3, 1), (3, 300), (5, 64)])
+def test_leaf_hard_training_path_has_the_reference_gradients(depth, batch, backend):
+    """The hard-training phase (kernel or PyTorch routing, one GEMM pair per leaf or two matrix-vector products for
+    a single token): leaf and input gradients equal the dense reference's with one-hot leaf weights."""
+    fff = random_tree("leaf", depth)
+    fff.hard_training = True
+    fff.train()
+    x = torch.randn(batch, 24, requires_grad=True)
+    grads = []
+    for forward in (fff.forward, fff.forward_reference):
+        fff.zero_grad()
+        x.grad = None
+        forward(x).pow(2).sum().backward()
+        grads.append({"x": x.grad.clone(), **{name: p.grad.clone() for name, p in fff.named_parameters()
+                                              if p.grad is not None}})
+    assert grads[0].keys() == grads[1].keys() - {"node_weight", "node_bias"}  # hard routing: no routing gradient
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5)
