@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from algos import FFF, apply_fff
-from algos.bench import loader_accuracy, markdown_table, run_parts, time_forward, train_steps
+from algos.bench import loader_accuracy, markdown_table, run_parts, time_forward, timed_rows, train_steps
 from algos.fff import kernels
 from algos.fff.tree import NODES
 from algos.run.data import digits_dataloaders
@@ -101,9 +101,7 @@ def bert(repeats: int) -> str:
         models[name] = model
     inputs = {"input_ids": torch.randint(0, 30000, (32, 128))}
     seconds = time_forward(models, inputs, repeats=repeats)
-    base = seconds["BERT-base encoder (dense FFN)"]
-    rows = [[name, f"{count_params(model) / 1e6:.1f} M", f"{seconds[name] * 1e3:.0f} ms",
-             f"{base / seconds[name]:.2f}x"] for name, model in models.items()]
+    rows = timed_rows(models, seconds, "BERT-base encoder (dense FFN)")
     return ("### BERT-base-size encoder, batch 32 x 128, inference\n\n"
             + markdown_table(["model", "params", "median forward", "speed-up"], rows) + "\n")
 

@@ -27,15 +27,22 @@ import torch
 from torch import nn
 
 from algos import apply_fnet_mixing
-from algos.bench import loader_accuracy, markdown_table, median, run_parts, time_forward, time_interleaved, train_steps
+from algos.bench import (
+    loader_accuracy,
+    markdown_table,
+    median,
+    run_parts,
+    time_forward,
+    time_interleaved,
+    timed_rows,
+    train_steps,
+)
 from algos.run.data import digits_dataloaders
 from algos.surgery import count_params
 
 
 def timed_table(models: dict[str, nn.Module], inputs, repeats: int, baseline: str) -> list[list[str]]:
-    seconds = time_forward(models, inputs, repeats=repeats)
-    return [[name, f"{count_params(model) / 1e6:.2f} M", f"{seconds[name] * 1e3:.1f} ms",
-             f"{seconds[baseline] / seconds[name]:.2f}x"] for name, model in models.items()]
+    return timed_rows(models, time_forward(models, inputs, repeats=repeats), baseline, decimals=1)
 
 
 def sublayer(lengths: list[int], repeats: int) -> str:

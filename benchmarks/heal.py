@@ -43,12 +43,11 @@ import torch
 from torch import nn
 
 from algos import apply_factorization, apply_fff, apply_fnet_mixing, distill
-from algos.bench import markdown_table, run_parts, time_forward
+from algos.bench import markdown_table, run_parts, time_forward, timed_rows
 from algos.fff import FFF
 from algos.run.data import DATA
 from algos.run.metrics import EmbeddingCosine, SimilaritySpearman
 from algos.run.models import MODELS, mean_pool
-from algos.surgery import count_params
 
 TARGETS = {"Factorize 25%": 0.97, "FFF": 0.95, "FNet-Hybrid": 0.93, "all-FNet": 0.85}
 FFF_CHOICES = {"neuron8": dict(depth=8, form="neuron"), "neuron6": dict(depth=6, form="neuron"),
@@ -233,9 +232,7 @@ def heal(args) -> str:
             rows += run.rows
     seconds = time_forward({"original": original, **converted}, speed_inputs(args), repeats=args.repeats)
     speed = {name: seconds["original"] / seconds[name] for name in converted}
-    speed_rows = [[name, f"{count_params(model) / 1e6:.2f} M", f"{seconds[name] * 1e3:.0f} ms",
-                   f"{seconds['original'] / seconds[name]:.2f}x"] for name, model in
-                  {"original": original, **converted}.items()]
+    speed_rows = timed_rows({"original": original, **converted}, seconds, "original")
     if args.save:
         with open(args.save, "w") as file:
             json.dump({"curves": curves, "speed": speed, "counts": counts}, file)
@@ -323,8 +320,7 @@ def speed(args) -> str:
         surgery(net)
         models[name] = net
     seconds = time_forward(models, speed_inputs(args), repeats=args.repeats)
-    rows = [[name, f"{count_params(model) / 1e6:.2f} M", f"{seconds[name] * 1e3:.0f} ms",
-             f"{seconds['original'] / seconds[name]:.2f}x"] for name, model in models.items()]
+    rows = timed_rows(models, seconds, "original")
     return (f"### all-MiniLM-L6-v2 encoder forward, batch 32 x {args.length}, inference\n\n"
             + markdown_table(["model", "params", "median forward", "speed-up"], rows) + "\n")
 

@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from algos import FFF, apply_factorization, apply_fff, apply_fnet_mixing
-from algos.bench import markdown_table, run_parts, time_train_step
-from algos.surgery import count_params
+from algos.bench import markdown_table, run_parts, time_train_step, timed_rows
 
 
 class MaskedLM(nn.Module):
@@ -86,9 +85,7 @@ def train_step(layers: int, batch: int, length: int, repeats: int, rows: list[st
         surgery(model.encoder)  # the encoder's layers; the tied embedding / decoder stays as it is
         models[name] = model
     seconds = time_train_step(models, dict(input_ids=input_ids, labels=labels), repeats=repeats)
-    base = seconds["dense"]
-    table = [[name, f"{count_params(model) / 1e6:.1f} M", f"{seconds[name] * 1e3:.0f} ms",
-              f"{base / seconds[name]:.2f}x"] for name, model in models.items()]
+    table = timed_rows(models, seconds, "dense")
     return (f"### Training step: BERT-base-width masked LM, {layers} layers, batch {batch} x {length}, AdamW\n\n"
             + markdown_table(["surgery", "params", "median step", "speed-up"], table) + "\n")
 

@@ -89,6 +89,14 @@ def time_train_step(models: dict[str, nn.Module], inputs: dict, *, repeats: int 
     return {name: median(values) for name, values in times.items()}
 
 
+def timed_rows(models: dict[str, nn.Module], seconds: dict[str, float], baseline: str,
+               decimals: int = 0) -> list[list[str]]:
+    """Table rows [name, parameters, median time in ms, speed-up over ``baseline``] for timed ``models``."""
+    return [[name, f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M",
+             f"{seconds[name] * 1e3:.{decimals}f} ms", f"{seconds[baseline] / seconds[name]:.2f}x"]
+            for name, model in models.items()]
+
+
 def cpu_model() -> str:
     """The CPU's model name (Linux /proc/cpuinfo; the platform's processor string elsewhere)."""
     try:
