@@ -5,9 +5,10 @@ Why by hand: PyTorch has no op that walks a tree. Composed from ``index_select``
 in ``tree.py``), a level costs about ten tensor ops, which is dispatch overhead at small batches, and (tokens, d)
 temporaries (gathered rows, products, per-level scatter buffers), which is memory traffic at large ones. A token
 needs only its depth + 1 node rows and output rows; these loops read exactly those, once. numba compiles them to
-vectorised machine code at first use (a few seconds, then cached on disk) and needs no C compiler on the machine;
-without numba, or for what the kernels do not cover (CUDA, half precision, an activation outside ``CODES``), the
-PyTorch path runs. Both are tested against ``FFF.forward_reference``, values and gradients.
+vectorised machine code at first use (a few seconds, then cached on disk where a folder is writable: ``_compiled``)
+and needs no C compiler on the machine; without numba, or for what the kernels do not cover (CUDA, half precision,
+an activation outside ``CODES``), the PyTorch path runs. Both are tested against ``FFF.forward_reference``, values
+and gradients.
 
 Notation (one token x, levels l = 0 .. L-1, node i_l on its path, i_{l+1} = 2 i_l + 1 + [z_l > 0]):
     z_l = w_{i_l} . x + b_{i_l},      m_l = |z_l| (mirrored) or z_l,      a_l = act(m_l)
@@ -20,6 +21,7 @@ Backward, from g = dL/dy:
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy
 import torch
@@ -34,6 +36,28 @@ except ImportError:  # the PyTorch path runs instead
 # The activations the kernels know, by code; "identity" is the linear node's.
 CODES = {"gelu": 0, "relu": 1, "silu": 2, "tanh": 3, "identity": 4}
 ENABLED = numba is not None  # set False to force the PyTorch path (the tests run both)
+
+_UNCACHED_WARNED = False
+
+
+def _compiled(function):
+    """``njit(parallel=True, fastmath=True)``, compiled at first call and cached on disk where numba finds a writable
+    folder (``NUMBA_CACHE_DIR``, the package's ``__pycache__``, the user cache). A read-only install with no writable
+    HOME has none, and numba refuses ``cache=True`` at decoration, i.e. on ``import algos``: then compile without the
+    cache (again each process), with one warning, so the kernels (and Factorize, FNet, ...) still import."""
+    global _UNCACHED_WARNED
+    try:
+        return njit(parallel=True, fastmath=True, cache=True)(function)
+    except RuntimeError as error:
+        if "no locator available" not in str(error):
+            raise
+        if not _UNCACHED_WARNED:
+            _UNCACHED_WARNED = True
+            warnings.warn(f"FFF kernels: numba has no writable cache directory ({error}); compiling without an "
+                          "on-disk cache each process; set NUMBA_CACHE_DIR to a writable folder to keep the compiled "
+                          "kernels", stacklevel=2)
+        return njit(parallel=True, fastmath=True, cache=False)(function)
+
 
 if numba is not None:
     _SQRT_HALF = 1 / math.sqrt(2)
@@ -65,7 +89,7 @@ if numba is not None:
             return 1.0 - t * t
         return 1.0
 
-    @njit(parallel=True, fastmath=True, cache=True)
+    @_compiled
     def _forward(x, weight, bias, out, out_bias, levels, mirrored, code, y, path, logit):
         """y (tokens, d_out), and each token's visited nodes ``path`` and their logits ``logit`` (tokens, levels)."""
         for t in prange(x.shape[0]):
@@ -83,7 +107,7 @@ if numba is not None:
                 path[t, level], logit[t, level] = node, z
                 node = 2 * node + 1 + right
 
-    @njit(parallel=True, fastmath=True, cache=True)
+    @_compiled
     def _route(x, weight, bias, depth, leaf):
         """The leaf form's hard routing: the leaf (0 .. 2^depth - 1) each token reaches."""
         for t in prange(x.shape[0]):
@@ -95,7 +119,7 @@ if numba is not None:
                 node = 2 * node + 1 + (1 if z > 0 else 0)
             leaf[t] = node - (2**depth - 1)
 
-    @njit(parallel=True, fastmath=True, cache=True)
+    @_compiled
     def _backward_tokens(grad_y, weight, out, path, logit, mirrored, code, grad_x, grad_logit, coefficient):
         """Per token: dL/dz_l and a_l (tokens, levels), and dL/dx when ``grad_x`` has rows."""
         for t in prange(path.shape[0]):
@@ -114,7 +138,7 @@ if numba is not None:
                     for k in range(weight.shape[1]):
                         grad_x[t, k] += g * weight[node, k]
 
-    @njit(parallel=True, fastmath=True, cache=True)
+    @_compiled
     def _backward_params(x, grad_y, path, logit, grad_logit, coefficient, mirrored, chunks,
                          grad_weight, grad_bias, grad_out):
         """dL/dw, dL/db, dL/dv: scatter-adds, split over column chunks so no two threads write one element."""

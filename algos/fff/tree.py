@@ -173,6 +173,8 @@ class FFF(nn.Module):
         return self.form == "leaf" and self.training and not self.hard_training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.node_weight.dtype:
+            self._check_dtype(x)
         rows = x.reshape(-1, self.in_features)
         if self.form == "neuron":
             y, bottom = self._neuron_fast(rows)
@@ -182,6 +184,16 @@ class FFF(nn.Module):
             y, bottom = self._leaf_hard(rows)
         self._count(bottom)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _check_dtype(self, x: torch.Tensor) -> None:
+        """An input whose dtype is not the parameters' is an error, as for nn.Linear (the neuron form's gathers would
+        otherwise promote silently, returning the parameters' dtype), except where autocast would cast both for a
+        Linear: float32 / float16 / bfloat16 under autocast on the input's device keep running."""
+        low = (torch.float32, torch.float16, torch.bfloat16)
+        if not (x.dtype in low and self.node_weight.dtype in low and torch.is_autocast_enabled(x.device.type)):
+            raise RuntimeError(f"FFF: input dtype {x.dtype} does not match the tree's parameters "
+                               f"({self.node_weight.dtype}); convert one of them (model.to({x.dtype}) or "
+                               f"x.to({self.node_weight.dtype})), as nn.Linear requires")
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The same function computed densely: all node logits and a path mask (neuron form); every leaf, mixed
@@ -250,7 +262,8 @@ class FFF(nn.Module):
             # binary entropy from the logit, stably: H(sigma(z)) = softplus(z) - z sigma(z); averaged over the
             # depth decisions a token makes (reach sums to 1 per level), so it lies in [0, ln 2]
             entropy = F.softplus(logits) - logits * torch.sigmoid(logits)
-            self.last_entropy = (reach * entropy).sum(1).mean() / self.depth
+            # (an empty batch: 0, not the NaN of an empty mean, which would poison the loss it is added to)
+            self.last_entropy = (reach * entropy).sum() / (max(x.shape[0], 1) * self.depth)
         # y = sum_l p_l (act(x W1_l + b1_l) W2_l + b2_l); p folded into the hidden units so no (tokens, leaves,
         # out_features) tensor is built
         hidden = self.activation(torch.einsum("bd,ldw->blw", x, self.leaf_in) + self.leaf_in_bias)
@@ -266,12 +279,13 @@ class FFF(nn.Module):
             number = int(leaf)
             hidden = self.activation(torch.addmv(self.leaf_in_bias[number], self.leaf_in[number].T, x[0]))
             return torch.addmv(self.leaf_out_bias[number], self.leaf_out[number].T, hidden).unsqueeze(0), leaf
-        # tokens sorted by leaf, one GEMM pair per leaf that has tokens
+        # tokens sorted by leaf, one GEMM pair per leaf that has tokens (an empty batch: leaf 0's on no tokens, so
+        # the output is (0, out_features) and part of the graph, its gradients zero, as nn.Linear's)
         order = torch.argsort(leaf, stable=True)
         counts = torch.bincount(leaf, minlength=2**self.depth).tolist()
         pieces = []
         for number, tokens in enumerate(x[order].split(counts)):
-            if tokens.shape[0]:
+            if tokens.shape[0] or (number == 0 and not x.shape[0]):
                 hidden = self.activation(torch.addmm(self.leaf_in_bias[number], tokens, self.leaf_in[number]))
                 pieces.append(torch.addmm(self.leaf_out_bias[number], hidden, self.leaf_out[number]))
         y = torch.cat(pieces).index_select(0, torch.argsort(order))
