@@ -29,7 +29,7 @@ from torch import nn
 
 from algos.surgery.algorithm import RECORD_KEY, SurgeryAlgorithm
 from algos.surgery.replace import replace_modules
-from algos.surgery.skeleton import materialize
+from algos.surgery.skeleton import materialize, meta_copy
 from algos.surgery.targets import SURGERY_MARKER, converted_by
 
 log = logging.getLogger(__name__)
@@ -156,21 +156,59 @@ def load_model(model: nn.Module, checkpoint: str | os.PathLike, *, strict: bool 
     surgeries are replayed (the same record resume uses: ranks / trees exactly as trained, no calibration), then
     the trained weights load. Returns ``model``, rewritten in place.
 
+    What would load is worked out on a weightless copy first: a file that is not a checkpoint, a checkpoint with none
+    of the model's weights, or (``strict=True``) one whose names differ, is a one-line error naming the file, with
+    ``model`` unchanged; ``strict=False`` loads what matches and warns, with counts and examples, about the rest.
+
     The checkpoint holds pickled module skeletons, so it is read with ``torch.load(weights_only=False)``: load only
     files you trust (torch's default ``weights_only=True`` refuses them).
     """
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    where = repr(os.fspath(checkpoint))
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"load_model: no checkpoint file {where}") from None
+    except Exception as error:  # noqa: BLE001 (torch raises RuntimeError, EOFError, UnpicklingError, ...)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"load_model: {where} is not a readable checkpoint (empty, truncated or not written by "
+                         f"torch.save: {reason})") from None
     state = saved.get("state", saved) if isinstance(saved, dict) else None
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{os.fspath(checkpoint)!r} is not a Composer checkpoint (no state.model)")
+        raise ValueError(f"load_model: {where} is not a Composer checkpoint (no state.model)")
     weights = state["model"]
     entries = [entry for entry in state.get("algorithms") or [] if is_surgery_entry(entry)]
     prefix = _checkpoint_prefix(model, weights.keys(), [fqn for _, entry in entries for fqn, _ in entry[RECORD_KEY]])
+    weights = {key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)}
+
+    skeleton = meta_copy(model)  # the surgery replayed on a weightless copy: what the model will expect
+    for _, entry in entries:
+        replay_record(skeleton, entry[RECORD_KEY], entry["repr"], prefix=prefix)
+    expected = set(skeleton.state_dict())
+    missing, unused = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if expected and len(missing) == len(expected):
+        raise ValueError(f"load_model: {where} holds none of this model's weights (it has e.g. {unused[0]!r}, the "
+                         f"model e.g. {missing[0]!r}); load it into the model its run started from")
+    if strict and (missing or unused):
+        what = filter(None, [_some(missing, "of the model missing"), _some(unused, "in the checkpoint unused")])
+        raise ValueError(f"load_model: {where} does not match this model: {'; '.join(what)}; pass strict=False to "
+                         f"load the rest")
+    if missing or unused:
+        what = filter(None, [_some(missing, "of the model not in the checkpoint"),
+                             _some(unused, "in the checkpoint unused")])
+        warnings.warn(f"load_model({where}, strict=False) loaded {len(expected) - len(missing)} of {len(expected)} "
+                      f"tensors: {'; '.join(what)}", stacklevel=2)
     for _, entry in entries:
         replay_record(model, entry[RECORD_KEY], entry["repr"], prefix=prefix)
-    weights = {key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)}
     model.load_state_dict(weights, strict=strict)
     return model
+
+
+def _some(names: list[str], what: str, shown: int = 3) -> str:
+    """``'2 tensors of the model missing (a, b)'``, at most ``shown`` names; empty for no names."""
+    if not names:
+        return ""
+    more = f", ... {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(names)} tensor(s) {what} ({', '.join(names[:shown])}{more})"
 
 
 def _checkpoint_prefix(model: nn.Module, saved_keys, recorded: list[str]) -> str:

@@ -244,6 +244,51 @@ def test_load_model_names_a_model_that_does_not_fit(composer_model_factory, trai
         algos.load_model(nn.Linear(1, 1), tmp_path / "other.pt")
 
 
+def test_load_model_loads_all_or_says_what_it_did_not(composer_model_factory, train_dataloader, tmp_path):
+    """Another model's checkpoint loads nothing: an error, the model untouched (also with strict=False); a partial
+    match with strict=False says what was left out; a truncated or empty file is an error naming it."""
+    make_trainer(composer_model_factory(), train_dataloader, tmp_path, [SwapLinear(target_modules=["3"])]).fit()
+    checkpoint = tmp_path / "checkpoints" / "ep0-ba4-rank0.pt"
+
+    def untouched(model: nn.Module, before: dict, types: list):
+        assert [type(m) for m in model.modules()] == types
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    plain = make_trainer(composer_model_factory(), train_dataloader, tmp_path / "plain", max_duration="2ba")
+    plain.fit()
+    stranger = nn.ModuleDict({"encoder": nn.Linear(16, 32), "head": nn.Linear(32, 4)})
+    before, types = {k: v.clone() for k, v in stranger.state_dict().items()}, [type(m) for m in stranger.modules()]
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=r"^load_model: '.*plain/checkpoints/ep0-ba2-rank0.pt' holds none of "
+                                             r"this model's weights \(it has e.g. 'module.0.bias', the model e.g. "
+                                             r"'encoder.bias'\); load it into the model its run started from$"):
+            algos.load_model(stranger, tmp_path / "plain" / "checkpoints" / "ep0-ba2-rank0.pt", strict=strict)
+        untouched(stranger, before, types)
+
+    other = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 4))
+    other.add_module("extra", nn.Linear(4, 4))
+
+    before, types = {k: v.clone() for k, v in other.state_dict().items()}, [type(m) for m in other.modules()]
+    with pytest.raises(ValueError, match=r"does not match this model: 2 tensor\(s\) of the model missing "
+                                         r"\(extra.bias, extra.weight\); pass strict=False"):
+        algos.load_model(other, checkpoint)
+    untouched(other, before, types)  # the surgery is not replayed either
+    with pytest.warns(UserWarning, match=r"strict=False\) loaded 4 of 6 tensors: 2 tensor\(s\) of the model not "
+                                         r"in the checkpoint \(extra.bias, extra.weight\)$"):
+        algos.load_model(other, checkpoint, strict=False)
+    assert isinstance(other[3], SwappedLinear) and torch.equal(other.extra.weight, before["extra.weight"])
+    assert not torch.equal(other[0].weight, before["0.weight"])
+
+    data = checkpoint.read_bytes()
+    for name, content in [("truncated.pt", data[: len(data) // 2]), ("empty.pt", b"")]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=rf"^load_model: '{tmp_path / name}' is not a readable checkpoint "
+                                             r"\(empty, truncated or not written by torch.save: "):
+            algos.load_model(composer_model_factory(), tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        algos.load_model(composer_model_factory(), tmp_path / "missing.pt")
+
+
 def test_load_model_into_a_hugging_face_network_with_several_surgeries(tmp_path):
     from tests.models import fixed_batches, tiny_mlm_and_batch
 
