@@ -118,6 +118,11 @@ class SelfDistillation(Algorithm):
             logger.log_hyperparameters({"distill/teacher_bytes": self.teacher_bytes})
             self._logged = True
 
+    def check_model(self, model: nn.Module) -> None:
+        """One-line errors before training for settings ``model`` (as built, before any surgery) cannot meet, such as
+        ``layers`` that name none of its modules; the runner calls it while it checks the config."""
+        matched_boundaries(_unwrap(model), self.teacher if self.teacher is not None else _unwrap(model), self.config)
+
     def _check(self, state: State) -> None:
         if self.teacher is not None:
             matched_boundaries(_unwrap(state.model), self.teacher, self.config)

@@ -34,6 +34,9 @@ class DistillConfig(SurgeryConfig):
             raise self.error(f"temperature={self.temperature!r} must be a number > 0.")
         if self.hidden_weight == 0 and self.logit_weight == 0 and self.embedding_weight == 0:
             raise self.error("hidden_weight, logit_weight and embedding_weight are all 0: nothing to distill.")
+        if self.layers is not None and self.hidden_weight == 0:
+            raise self.error(f"layers={self.layers!r} has no effect with hidden_weight=0 (layers chooses the "
+                             f"hidden states matched); remove layers or set hidden_weight > 0.")
         try:
             check_names_argument(self.layers, "layers")
         except (TypeError, ValueError) as bad:

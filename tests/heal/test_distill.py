@@ -200,6 +200,9 @@ def test_bad_input_is_a_one_line_error_with_nothing_changed(case):
 @pytest.mark.parametrize(("kwargs", "message"), [({"temperature": 0}, "temperature=0 must be a number > 0"),
                                                  ({"hidden_weight": -1}, "hidden_weight=-1 must be"),
                                                  ({"hidden_weight": 0, "logit_weight": 0}, "nothing to distill"),
+                                                 ({"hidden_weight": 0, "layers": ["bert.encoder.layer.0"]},
+                                                  r"layers=\['bert.encoder.layer.0'\] has no effect with "
+                                                  r"hidden_weight=0"),
                                                  ({"steps": 0}, "steps=0 must be an int >= 1"),
                                                  ({"schedule": "step"}, "schedule='step' is not one of 'constant'"),
                                                  ({"warmup_steps": 1}, r"warmup_steps=1 must be an int in \[0, "
