@@ -93,6 +93,8 @@ class FourierMixing(nn.Module):
         positions of the new tokens."""
         if history is not None and not self.causal:
             raise ValueError("FourierMixing: cached (incremental) mixing needs causal=True.")
+        if x.numel() == 0:  # an empty batch mixes to an empty output (MKL's FFT refuses zero-sized transforms)
+            return x.clone()
         length = x.shape[-2]
         period = self.max_length if self.fixed_length else length
         masked = keep is not None and self.fixed_length

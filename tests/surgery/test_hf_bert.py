@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import algos
 from algos import apply_swap_linear
 from algos.surgery import select_targets
 from algos.surgery.example import SwappedLinear
@@ -42,3 +43,27 @@ def test_swap_keeps_outputs_and_reports_macs_per_sample(bert):
     assert isinstance(bert.encoder.layer[1].attention.self.value, SwappedLinear)
     assert [row.macs_before for row in report.replaced] == [10 * 32 * 32] * 4  # 10 tokens per sample
     assert not bert.training
+
+
+SURGERIES = {
+    "factorize": lambda m: algos.apply_factorization(m, rank=0.5, min_features=1),
+    "fnet": lambda m: algos.apply_fnet_mixing(m),
+    "fnet_hybrid_dft": lambda m: algos.apply_fnet_mixing(m, impl="dft", keep_attention_layers=[-1]),
+    "fff_neuron": lambda m: algos.apply_fff(m, depth=2, min_width=0),
+    "fff_leaf": lambda m: algos.apply_fff(m, depth=2, form="leaf", leaf_width=8, min_width=0),
+}
+
+
+@pytest.mark.parametrize("surgery", SURGERIES)
+def test_an_empty_batch_gives_an_empty_output_after_every_surgery(bert, surgery):
+    """As the dense model does: (0, T, D) in eval and in training, and a backward pass through it (MKL's FFT
+    refused zero-sized transforms, the leaf form's hard path concatenated nothing)."""
+    batch = {"input_ids": torch.randint(0, 100, (3, 10)), "attention_mask": torch.ones(3, 10, dtype=torch.long)}
+    SURGERIES[surgery](bert)
+    bert(**batch)  # the first forward measures MACs
+    empty = {key: value[:0] for key, value in batch.items()}
+    assert bert.eval()(**empty).last_hidden_state.shape == (0, 10, 32)
+    hidden = bert.train()(**empty).last_hidden_state
+    assert hidden.shape == (0, 10, 32)
+    hidden.sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in bert.parameters())
