@@ -55,6 +55,8 @@ def run_command(command: str, argv: list[str]) -> None:
             compare(args.paths, args.overrides, out=args.out, overwrite=args.overwrite)
     except ConfigError as error:
         sys.exit(f"algos {command}: {error}")
+    except KeyboardInterrupt:  # Ctrl-C: the runner has said what is kept and how to continue
+        sys.exit(130)
 
 
 def main(argv: list[str] | None = None) -> None:

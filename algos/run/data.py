@@ -228,6 +228,10 @@ def _read_texts(files, dataset, dataset_config, text_column, max_documents) -> l
     if files and dataset:
         raise ConfigError("data.files and data.dataset are alternatives; give one")
     if files:
+        folders = [f for f in files if Path(f).is_dir()]
+        if folders:
+            raise ConfigError(f"data.files: {folders[0]!r} is a folder; list the text files in it (one document "
+                              f"each), e.g. data.files='[{Path(folders[0]) / 'a.txt'}]'")
         missing = [f for f in files if not Path(f).is_file()]
         if missing:
             raise ConfigError(f"data.files: {', '.join(missing)} not found")

@@ -2,9 +2,11 @@
 reports and a summary (``algos run``); the same build without training prints the surgery reports (``algos inspect``).
 
 Everything a config names is built and checked (registries, algorithm targets, Composer time strings, the run
-directory) before anything is written. A run directory holds the marker file ``.algos-run``; ``run.overwrite=true``
-replaces only such a directory, and only once the new Trainer is built (a failed start puts the old run back).
-``run.resume=true`` continues the run in ``run.dir`` from its latest checkpoint.
+directory) before anything is written. The run directory is locked for the whole run and holds the marker file
+``.algos-run``; ``run.overwrite=true`` replaces only such a directory, and a run that ends before its first checkpoint
+(a failed start, an error, Ctrl-C) leaves nothing behind: the directory it made goes, the run it replaced comes back
+(``algos.run.rundir``). Checkpoints appear whole or not at all, and ``run.resume=true`` continues the run in
+``run.dir`` from its newest whole checkpoint (``algos.run.checkpoints``).
 """
 
 from __future__ import annotations
@@ -13,23 +15,21 @@ import contextlib
 import inspect
 import json
 import resource
-import shutil
 import sys
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from composer import Trainer
-from composer.core import Callback, DataSpec, State
+from composer.core import Callback, DataSpec, State, Time, TimeUnit
 from composer.loggers import Logger
-from composer.utils import dist, format_name_with_dist, reproducibility
+from composer.utils import dist, reproducibility
 from omegaconf import DictConfig, OmegaConf
 from tabulate import tabulate
 
+from algos.run import checkpoints, rundir
 from algos.run.components import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCHEDULERS
 from algos.run.data import DATA
 from algos.run.models import GENERATIVE_TASKS, MODELS, PAD_ID, token_counter
@@ -48,8 +48,8 @@ RUN_KEYS = {"name": "run name (default: the YAML file names joined by '+')",
 # Trainer arguments the runner fills in from the other sections.
 RUNNER_OWNS = ("model", "train_dataloader", "eval_dataloader", "optimizers", "schedulers", "algorithms", "loggers",
                "callbacks", "run_name", "seed", "device", "save_folder", "save_overwrite")
-# Written into every run directory algos run creates: run.overwrite=true replaces no directory without it.
-MARKER = ".algos-run"
+MARKER = rundir.MARKER
+checkpoints.install()  # every checkpoint file appears whole or not at all
 
 
 @dataclass
@@ -97,6 +97,9 @@ def build(config: DictConfig, *, for_training: bool = True) -> Built:
     if unknown:
         raise ConfigError(f"run: unknown key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(RUN_KEYS)}")
     name = str(run.get("name") or "run")
+    if not run.get("dir") and (name in (".", "..") or "/" in name or "\\" in name):
+        raise ConfigError(f"run.name={name!r}: a run name is a folder inside runs/, without '/' or '..'; to write "
+                          f"the run elsewhere set run.dir")
     run_dir = Path(run.get("dir") or Path("runs") / name)
     seed = run.get("seed", 0)
     device = run.get("device", "auto")
@@ -125,6 +128,11 @@ def build(config: DictConfig, *, for_training: bool = True) -> Built:
         algorithm = ALGORITHMS.build(key, kwargs, f"algorithms.{key}")
         if isinstance(algorithm, SurgeryAlgorithm):
             plans[key] = _plan(algorithm, model, key, model_name)
+        elif hasattr(algorithm, "check_model"):  # SelfDistillation: its layers= against the model before surgery
+            try:
+                algorithm.check_model(model)
+            except ValueError as error:
+                raise ConfigError(f"algorithms.{key}: {str(error).splitlines()[0]}") from None
         algorithms.append(algorithm)
 
     trainer = _section(plain, "trainer")
@@ -136,9 +144,12 @@ def build(config: DictConfig, *, for_training: bool = True) -> Built:
         raise ConfigError("trainer.autoresume: the runner resumes with run.resume=true (Composer's autoresume from "
                           "run.dir's latest checkpoint); remove trainer.autoresume")
     check_kwargs(Trainer.__init__, trainer, "trainer", reserved=RUNNER_OWNS)  # with the time strings
+    _check_duration(trainer)
     load_path = trainer.get("load_path")
     if load_path and "://" not in load_path and not Path(load_path).is_file():
         raise ConfigError(f"trainer.load_path={load_path!r}: no such checkpoint file")
+    if load_path and "://" not in load_path and not checkpoints.is_whole(Path(load_path)):
+        raise ConfigError(f"trainer.load_path={load_path!r} is truncated or not a checkpoint (no complete torch file)")
     built = Built(name, run_dir, overwrite, model, train, evaluation, algorithms,
                   algorithm_keys=list(_section(plain, "algorithms")), plans=plans, resume=resume)
     generate_tokens = run.get("generate_tokens", 32)
@@ -158,6 +169,17 @@ def build(config: DictConfig, *, for_training: bool = True) -> Built:
             CALLBACKS.build(key, kwargs or {}, f"callbacks.{key}") for key, kwargs in
             _section(plain, "callbacks").items()]
     return built
+
+
+def _check_duration(trainer: dict) -> None:
+    """trainer.max_duration must be more than nothing (Composer finds out only when training starts)."""
+    duration = trainer.get("max_duration")
+    if duration is None or isinstance(duration, bool):
+        return
+    value = Time.from_input(duration, TimeUnit.EPOCH).value  # check_kwargs: a valid time
+    if value <= 0:
+        raise ConfigError(f"trainer.max_duration={duration!r}: no training would happen; give a duration above 0, "
+                          f"e.g. 2ep or 100ba")
 
 
 def _flag(run: dict, key: str) -> bool:
@@ -246,89 +268,14 @@ class RunStats(Callback):
 
 def latest_checkpoint(built: Built) -> Path:
     """Where Composer keeps (a link to) the run's latest checkpoint of rank 0, which ``run.resume=true`` loads."""
-    name = built.trainer_kwargs.get("save_latest_filename") or "latest-rank{rank}.pt"
-    return built.run_dir / "checkpoints" / format_name_with_dist(name, built.name)
+    return checkpoints.latest_link(built.run_dir / "checkpoints", built.name,
+                                   built.trainer_kwargs.get("save_latest_filename"))
 
 
 def check_run_dir(built: Built) -> None:
-    """Refuse, before anything is written, a run.dir this run may not use: a new run needs it missing or empty (or
-    run.overwrite=true, which replaces only a directory holding MARKER, never one holding the checkpoint to load);
-    run.resume=true needs its latest checkpoint."""
-    run_dir = built.run_dir
-    where = f"run.dir {str(run_dir)!r}"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"{where} is a file, not a directory")
-    if built.resume:
-        checkpoint = latest_checkpoint(built)
-        if not run_dir.is_dir():
-            raise ConfigError(f"run.resume=true: {where} does not exist; nothing to resume")
-        if not checkpoint.exists():
-            raise ConfigError(f"run.resume=true: no checkpoint to resume from ({str(checkpoint)!r} does not exist; "
-                              f"a run saves one every trainer.save_interval)")
-        return
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
-        return
-    if not built.overwrite:
-        raise ConfigError(f"{where} already exists; set run.overwrite=true to replace it or run.resume=true to "
-                          f"continue it, or pick another run.name / run.dir")
-    if not (run_dir / MARKER).is_file():
-        raise ConfigError(f"{where} was not made by algos run (it has no {MARKER} file), so run.overwrite=true will "
-                          f"not delete it; pick another run.name / run.dir")
-    load_path = built.trainer_kwargs.get("load_path")
-    if load_path and "://" not in load_path and Path(load_path).resolve().is_relative_to(run_dir.resolve()):
-        raise ConfigError(f"trainer.load_path={load_path!r} is inside {where}, which run.overwrite=true would "
-                          f"replace; to continue that run use run.resume=true instead")
-
-
-@contextlib.contextmanager
-def run_directory(built: Built) -> Iterator[None]:
-    """Make run.dir ready for the block (creating it with MARKER, or moving the run it replaces aside); if the block
-    raises, remove what this call created and put the replaced run back. Only rank 0 touches the disk."""
-    run_dir = built.run_dir
-    if dist.get_global_rank() != 0:
-        yield
-        return
-    aside = None
-    if built.overwrite and run_dir.is_dir() and any(run_dir.iterdir()):  # check_run_dir: made by algos run
-        aside = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.replaced-", dir=run_dir.parent))
-        run_dir.rename(aside / run_dir.name)
-    created = _topmost_missing(run_dir)
-    before = set() if created else set(run_dir.rglob("*"))
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not built.resume:
-            (run_dir / MARKER).write_text(f"{built.name}\n")
-        yield
-    except BaseException:
-        if created:
-            shutil.rmtree(created, ignore_errors=True)
-        else:
-            _remove_new(run_dir, before)
-        if aside:
-            (aside / run_dir.name).rename(run_dir)
-            aside.rmdir()
-        raise
-    if aside:
-        shutil.rmtree(aside)
-
-
-def _topmost_missing(path: Path) -> Path | None:
-    missing = None
-    while not path.exists():
-        missing, path = path, path.parent
-    return missing
-
-
-def _remove_new(folder: Path, before: set[Path]) -> None:
-    """Delete what is in ``folder`` now but was not ``before``."""
-    new = set(folder.rglob("*")) - before
-    for path in sorted(new):
-        if path.parent in new:
-            continue  # went with its folder
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+    """May this run use its run.dir? (``algos.run.rundir.check_run_dir``; before anything is written.)"""
+    rundir.check_run_dir(built.run_dir, overwrite=built.overwrite, resume=built.resume,
+                         latest=latest_checkpoint(built), load_path=built.trainer_kwargs.get("load_path"))
 
 
 class ClosingTrainer(Trainer):
@@ -383,37 +330,75 @@ def run(config: DictConfig, *, quiet: bool = False, show_config: bool = False) -
     ``<run dir>/summary.json``) the summary. ``show_config`` prints the resolved config first."""
     built = build(config)
     rank_zero = dist.get_global_rank() == 0
-    if rank_zero:
-        check_run_dir(built)
     stats = RunStats(built.algorithms)
     kwargs = {**built.trainer_kwargs, "callbacks": [*built.trainer_kwargs["callbacks"], stats],
               "save_folder": str(built.run_dir / "checkpoints"), "save_overwrite": built.overwrite,
               "autoresume": built.resume}
-    if rank_zero and show_config:
-        print(OmegaConf.to_yaml(config, resolve=True))
-    if rank_zero and not quiet:
-        what = f"resuming {built.name!r} from {latest_checkpoint(built)}" if built.resume else f"run {built.name!r}"
-        print(f"{what} -> {built.run_dir}/ (resolved config in config.yaml)")
-    with run_directory(built):  # undone if the Trainer cannot be built
-        trainer = build_trainer(built, kwargs)
+    with rundir.run_lock(built.run_dir):
         if rank_zero:
-            OmegaConf.save(config, built.run_dir / "config.yaml", resolve=True)
-    try:
-        trainer.fit()
-    except BaseException:  # Ctrl-C (SystemExit from Composer's signal handler), an error: the checkpoints stay
-        trainer.close()
+            if built.resume:
+                for change in checkpoints.tidy_for_resume(built.run_dir / "checkpoints", built.name,
+                                                          kwargs.get("save_filename"),
+                                                          kwargs.get("save_latest_filename")):
+                    print(f"run.resume=true: {change}", file=sys.stderr)
+            check_run_dir(built)
+        if rank_zero and show_config:
+            print(OmegaConf.to_yaml(config, resolve=True))
         if rank_zero and not quiet:
-            print(f"\nrun {built.name!r} stopped at batch {int(trainer.state.timestamp.batch)}; to continue it from "
-                  f"its latest checkpoint, run the same command with run.resume=true", file=sys.stderr)
-        raise
-    summary = summarize(built, trainer, stats)
-    trainer.close()  # loggers finish writing (the wandb run directory) before anyone reads them
-    if rank_zero:
-        (built.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        (built.run_dir / "surgery_report.txt").write_text("\n\n".join(summary["surgery_tables"]) + "\n")
-        if not quiet:
-            print(format_summary(summary))
+            what = f"resuming {built.name!r} from {latest_checkpoint(built)}" if built.resume else f"run {built.name!r}"
+            print(f"{what} -> {built.run_dir}/ (resolved config in config.yaml)")
+        saved = _checkpoint_saved(built)
+        with rundir.run_directory(built.run_dir, name=built.name, overwrite=built.overwrite, resume=built.resume,
+                                  keep=saved) as intact:
+            trainer = build_trainer(built, kwargs)
+            if rank_zero:
+                OmegaConf.save(config, built.run_dir / "config.yaml", resolve=True)
+            try:
+                trainer.fit()
+            except BaseException as error:  # Ctrl-C, an error: kept if there is a checkpoint to resume from
+                trainer.close()
+                _stopped(built, trainer, error, saved() if rank_zero else True, quiet)
+                raise
+            summary = summarize(built, trainer, stats)
+            trainer.close()  # loggers finish writing (the wandb run directory) before anyone reads them
+            if rank_zero:
+                if not intact():
+                    raise RuntimeError(f"run {built.name!r}: {built.run_dir} was removed or replaced during the run "
+                                       f"(not by algos run, which locks it); this run's output is lost")
+                (built.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                (built.run_dir / "surgery_report.txt").write_text("\n\n".join(summary["surgery_tables"]) + "\n")
+    if rank_zero and not quiet:
+        print(format_summary(summary))
     return summary
+
+
+def _checkpoint_saved(built: Built):
+    """A function telling whether this run has saved a checkpoint since now (the latest one changed)."""
+    latest = latest_checkpoint(built)
+    start = latest.resolve() if latest.exists() else None
+    return lambda: latest.exists() and latest.resolve() != start
+
+
+def _stopped(built: Built, trainer: Trainer, error: BaseException, saved: bool, quiet: bool) -> None:
+    """Say how the run ended early: how to continue it from its latest checkpoint, or, with none saved by this run,
+    that nothing of it is kept (and a Composer check that only fires once training starts becomes a one-line
+    ConfigError naming the trainer key, without the resume hint)."""
+    batch = int(trainer.state.timestamp.batch)
+    if built.resume:
+        kept = "the run is as it was before this attempt"
+    else:
+        kept = "the run it was to replace is back" if built.overwrite else "its run directory is removed"
+    if not saved and isinstance(error, (ValueError, TypeError)) and _raised_by_composer(error):
+        raise ConfigError(f"trainer: {str(error).splitlines()[0]} (found at batch {batch}, before a checkpoint: "
+                          f"{kept})") from None
+    if dist.get_global_rank() != 0 or quiet:
+        return
+    if saved or built.resume:
+        print(f"\nrun {built.name!r} stopped at batch {batch}; to continue it from its latest checkpoint, run the "
+              f"same command with run.resume=true", file=sys.stderr)
+    else:
+        print(f"\nrun {built.name!r} stopped at batch {batch}, before its first checkpoint: nothing to resume, "
+              f"{kept}", file=sys.stderr)
 
 
 def summarize(built: Built, trainer: Trainer, stats: RunStats) -> dict:

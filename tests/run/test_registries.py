@@ -153,6 +153,9 @@ def test_missing_datasets_say_how_to_get_them(tmp_path):
     with pytest.raises(ConfigError, match=r"data.files: .*nope.txt not found"):
         DATA.build("text_mlm", {"files": [str(tmp_path / "nope.txt")]}, "data",
                    spec=InputSpec("tokens", task="mlm", vocab_size=100, max_length=16))
+    with pytest.raises(ConfigError, match=rf"^data.files: '{tmp_path}' is a folder; list the text files in it"):
+        DATA.build("text_mlm", {"files": [str(tmp_path)]}, "data",
+                   spec=InputSpec("tokens", task="mlm", vocab_size=100, max_length=16))
 
 
 # Keys without defaults, for the entries that have some.

@@ -1,15 +1,19 @@
-"""Nothing lost, nothing half-done: a run that cannot start leaves every directory as it was (the finished run it
-was to replace, a folder of user files, an empty folder), ``run.overwrite=true`` replaces only what ``algos run``
-made, and an interrupted run continued with ``run.resume=true`` ends with the weights and losses of an uninterrupted
-one."""
+"""Nothing lost, nothing half-done: a run that cannot start, or stops before its first checkpoint, leaves every
+directory as it was (the finished run it was to replace, a folder of user files, an empty folder);
+``run.overwrite=true`` replaces only what ``algos run`` made, and never while another run holds the directory;
+checkpoints appear whole or not at all; and an interrupted run (also mid-save, or killed) continued with
+``run.resume=true`` ends with the weights and losses of an uninterrupted one."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import wandb
 
+from algos.run import runner
 from algos.run.config import load_config
 from algos.run.registry import ConfigError
 from algos.run.runner import MARKER, RunStats, run
@@ -148,3 +152,127 @@ def test_resume_needs_a_checkpoint(tmp_path):
                                           r"latest-rank0.pt' does not exist; a run saves one every "
                                           r"trainer.save_interval\)$"):
         run(config(tmp_path / "nothing", "run.resume=true"), quiet=True)
+
+
+@pytest.mark.slow
+def test_a_save_interrupted_midway_leaves_no_checkpoint_and_the_run_resumes(tmp_path, monkeypatch):
+    """Ctrl-C while checkpoint 3 is written (injected inside torch.save, after half a file): no file of it is left,
+    latest stays at 2, and run.resume=true ends with the uninterrupted run's losses and evals."""
+    straight = run(config(tmp_path / "straight", *SIX_BATCHES), quiet=True)
+    run_dir = tmp_path / "resumed"
+    real_save = torch.save
+
+    def interrupted_save(obj, f, *args, **kwargs):
+        if "ba3" in getattr(f, "name", str(f)):
+            f.write(b"PK\x03\x04 the first bytes of a checkpoint")
+            try:
+                raise KeyboardInterrupt  # Ctrl-C arrives mid-write, and torch's zip writer, closing, raises its own
+            except KeyboardInterrupt:
+                raise RuntimeError("[enforce fail at inline_container.cc:659] . unexpected pos 48003712") from None
+        return real_save(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "save", interrupted_save)
+        with pytest.raises(KeyboardInterrupt, match="^interrupted while saving ep0-ba3-rank0.pt; it was not written$"):
+            run(config(run_dir, *SIX_BATCHES), quiet=True)
+    folder = run_dir / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["ep0-ba1-rank0.pt", "ep0-ba2-rank0.pt", "latest-rank0.pt"]
+    assert (folder / "latest-rank0.pt").resolve().name == "ep0-ba2-rank0.pt"
+    resumed = run(config(run_dir, *SIX_BATCHES, "run.resume=true"), quiet=True)
+    assert resumed["batches"] == 6 and resumed["history"] == straight["history"]
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_starts_from_the_newest_whole_checkpoint(tmp_path, monkeypatch, capsys):
+    """What a kill can leave (a temporary file being written, a truncated checkpoint under its final name from before
+    atomic saves, no latest link: killed between Composer's unlink and symlink) is tidied in one line each, and the
+    run continues from the newest whole checkpoint to the uninterrupted result."""
+    straight = run(config(tmp_path / "straight", *SIX_BATCHES), quiet=True)
+    run_dir = tmp_path / "killed"
+    with monkeypatch.context() as patched:
+        interrupt_at(4, patched)
+        with pytest.raises(KeyboardInterrupt):
+            run(config(run_dir, *SIX_BATCHES), quiet=True)
+    folder = run_dir / "checkpoints"
+    (folder / ".partial-999-ep0-ba5-rank0.pt").write_bytes(b"PK\x03\x04")
+    whole = (folder / "ep0-ba4-rank0.pt").read_bytes()
+    (folder / "ep0-ba4-rank0.pt").write_bytes(whole[: len(whole) // 2])
+    (folder / "latest-rank0.pt").unlink()
+    capsys.readouterr()
+    resumed = run(config(run_dir, *SIX_BATCHES, "run.resume=true"), quiet=True)
+    err = capsys.readouterr().err
+    assert "run.resume=true: removed .partial-999-ep0-ba5-rank0.pt, a checkpoint whose writing was interrupted" in err
+    assert ("run.resume=true: moved the truncated checkpoint ep0-ba4-rank0.pt aside to "
+            ".incomplete-ep0-ba4-rank0.pt") in err
+    assert "run.resume=true: latest-rank0.pt now points to ep0-ba3-rank0.pt, the newest whole checkpoint" in err
+    assert resumed["batches"] == 6 and resumed["history"] == straight["history"]
+    assert (folder / ".incomplete-ep0-ba4-rank0.pt").read_bytes() == whole[: len(whole) // 2]  # kept, not deleted
+
+
+def test_a_second_run_into_a_locked_run_directory_is_refused_in_one_line(tmp_path):
+    """Another process holds run.dir (a real second process): run.overwrite=true is refused naming it, and nothing
+    changes; once the holder is gone (killed: the kernel drops its lock), the run goes ahead and no lock file stays."""
+    run_dir = tmp_path / "shared"
+    run(config(run_dir), quiet=True)
+    before = snapshot(run_dir)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from algos.run.rundir import run_lock\n"
+                               f"with run_lock(Path({str(run_dir)!r})):\n"
+                               "    print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        with pytest.raises(ConfigError, match=rf"^run.dir '{run_dir}' is in use by another algos run \(pid "
+                                              rf"{holder.pid} on .*, since .*\); wait for it to finish or pick another "
+                                              r"run.name / run.dir$"):
+            run(config(run_dir, "run.overwrite=true"), quiet=True)
+        assert snapshot(run_dir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    run(config(run_dir, "run.overwrite=true"), quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    """A bug at batch 1 (checkpoints every 2ba) keeps its traceback, says nothing is kept without the resume hint,
+    and puts back the run it was to replace; a check Composer makes only once training starts is one line."""
+    run_dir = tmp_path / "keep"
+    run(config(run_dir), quiet=True)
+    before = snapshot(run_dir)
+    batch_start = RunStats.batch_start
+
+    def bug(self, state, logger):
+        if int(state.timestamp.batch) == 1:
+            raise RuntimeError("a bug in a callback")
+        batch_start(self, state, logger)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(RunStats, "batch_start", bug)
+        capsys.readouterr()
+        with pytest.raises(RuntimeError, match="^a bug in a callback$"):
+            run(config(run_dir, "run.overwrite=true"))
+    err = capsys.readouterr().err
+    assert "stopped at batch 1, before its first checkpoint: nothing to resume, the run it was to replace is " \
+           "back" in err
+    assert "run.resume" not in err and wandb.run is None
+    assert snapshot(run_dir) == before and sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+
+    monkeypatch.setattr(runner, "_check_duration", lambda trainer: None)  # as if the runner did not check it
+    with pytest.raises(ConfigError, match=r"^trainer: The max_duration \(0ba\) is less than or equal to the elapsed "
+                                          r"training duration \(0ba\).* \(found at batch 0, before a checkpoint: its "
+                                          r"run directory is removed\)$") as error:
+        run(config(tmp_path / "new", "trainer.max_duration=0ba"), quiet=True)
+    assert "\n" not in str(error.value) and sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/tmp/absolute", "a/b", ".."])
+def test_run_names_stay_inside_runs(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    files = [str(ROOT / "yamls/digits_mlp.yaml")]
+    with pytest.raises(ConfigError, match=rf"^run.name={name!r}: a run name is a folder inside runs/, without '/' or "
+                                          r"'..'; to write the run elsewhere set run.dir$"):
+        run(load_config(files, [*SMALL, f"run.name={name}"]), quiet=True)
+    assert not any(tmp_path.iterdir()) and not (tmp_path.parent / "escaped").exists()
+    inside = run(load_config(files, [*SMALL, "run.name=a.b+c"]), quiet=True)
+    assert Path(inside["run_dir"]) == Path("runs/a.b+c") and (tmp_path / "runs/a.b+c/summary.json").is_file()

@@ -138,6 +138,11 @@ def test_run_directory_wandb_report_and_no_overwrite(tmp_path, capsys):
     (["trainer.optimizers=1"], r"^trainer: optimizers set by the runner"),
     (["trainer.max_duration=forever"], r"^trainer.max_duration='forever' is not a Composer time: write a number and a "
                                        r"unit \(ba, ep, sp, tok, dur, sec, iter\), e.g. 2ep, 100ba, 0.5dur$"),
+    (["trainer.max_duration=0ba"], r"^trainer.max_duration='0ba': no training would happen; give a duration above 0"),
+    (["algorithms={self_distillation: {layers: [x], hidden_weight: 1.0}}"],
+     r"^algorithms.self_distillation: SelfDistillation: layers=\['x'\] names no module of the teacher.$"),
+    (["algorithms={self_distillation: {layers: [x], hidden_weight: 0.0}}"],
+     r"^algorithms.self_distillation.*: SelfDistillation: layers=\['x'\] has no effect with hidden_weight=0 "),
     (["trainer.eval_interval=1.5ep"], r"^trainer.eval_interval='1.5ep' is not a Composer time \(value 1.5 is not an "
                                       r"integer. Units TimeUnit.EPOCH require integer values\): write a number"),
     (["trainer.save_interval=often"], r"^trainer.save_interval='often' is not a Composer time"),
