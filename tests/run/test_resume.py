@@ -276,3 +276,11 @@ def test_run_names_stay_inside_runs(name, tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir()) and not (tmp_path.parent / "escaped").exists()
     inside = run(load_config(files, [*SMALL, "run.name=a.b+c"]), quiet=True)
     assert Path(inside["run_dir"]) == Path("runs/a.b+c") and (tmp_path / "runs/a.b+c/summary.json").is_file()
+
+
+def test_a_truncated_checkpoint_to_load_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "half.pt").write_bytes(b"PK\x03\x04 half of a checkpoint")
+    with pytest.raises(ConfigError, match=rf"^trainer.load_path='{tmp_path / 'half.pt'}' is truncated or not a "
+                                          r"checkpoint \(no complete torch file\)$"):
+        run(config(tmp_path / "new", f"trainer.load_path={tmp_path / 'half.pt'}"), quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["half.pt"]
