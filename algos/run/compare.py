@@ -16,6 +16,7 @@ from tabulate import tabulate
 
 from algos.run.config import load_config
 from algos.run.registry import ConfigError
+from algos.run.rundir import run_lock
 from algos.run.runner import build, check_run_dir, default_name, run
 
 
@@ -39,8 +40,14 @@ def split_groups(paths: list[str]) -> list[tuple[str, list[str]]]:
 
 def compare(paths: list[str], overrides: list[str] = (), out: str = "runs/compare",
             overwrite: bool = False) -> list[dict]:
-    """Run every group's baseline and recipes into ``out/<name>``, then write and print the comparison."""
+    """Run every group's baseline and recipes into ``out/<name>``, then write and print the comparison. ``out`` is
+    locked for the whole comparison, as each run directory is for its run (``algos.run.rundir.run_lock``)."""
     out_dir = Path(out)
+    with run_lock(out_dir, label="--out"):
+        return _compare(paths, overrides, out_dir, overwrite)
+
+
+def _compare(paths: list[str], overrides: list[str], out_dir: Path, overwrite: bool) -> list[dict]:
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ConfigError(f"--out {str(out_dir)!r} already exists; pass --overwrite to replace its runs, or another "
                           f"--out")

@@ -26,7 +26,7 @@ MARKER = ".algos-run"
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
+def run_lock(run_dir: Path, label: str = "run.dir") -> Iterator[None]:
     """Hold an exclusive lock on ``run_dir`` for the block: a second ``algos run`` (or ``compare``) into the same
     directory is refused in one line naming the holder, instead of both writing into it.
 
@@ -48,8 +48,9 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(descriptor, 4096, 0).decode(errors="replace").strip() or "another process"
             os.close(descriptor)
-            raise ConfigError(f"run.dir {str(run_dir)!r} is in use by another algos run ({holder}); wait for it to "
-                              f"finish or pick another run.name / run.dir") from None
+            other = "another --out" if label == "--out" else "another run.name / run.dir"
+            raise ConfigError(f"{label} {str(run_dir)!r} is in use by another algos run ({holder}); wait for it to "
+                              f"finish or pick {other}") from None
         with contextlib.suppress(FileNotFoundError):
             if os.fstat(descriptor).st_ino == os.stat(path).st_ino:
                 break

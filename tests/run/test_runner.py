@@ -19,6 +19,7 @@ from algos.cli import main
 from algos.run.compare import comparison_table
 from algos.run.config import load_config
 from algos.run.registry import ConfigError
+from algos.run.rundir import run_lock
 from algos.run.runner import inspect_config, run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -241,6 +242,12 @@ def test_compare_checks_every_config_before_the_first_run(tmp_path):
     assert not (tmp_path / "cmp").exists()
     with pytest.raises(SystemExit, match="recipes/fff.yaml has no model: section, so it is a recipe"):
         main(["compare", str(ROOT / "recipes/fff.yaml"), "--out", str(tmp_path / "cmp")])
+    with run_lock(tmp_path / "cmp"):  # another comparison into the same folder (flock: also from this process)
+        with pytest.raises(SystemExit, match=rf"^algos compare: --out '{tmp_path / 'cmp'}' is in use by another "
+                                             rf"algos run \(pid {os.getpid()} on .*\); wait for it to finish or pick "
+                                             r"another --out$"):
+            main(["compare", str(ROOT / "yamls/digits_mlp.yaml"), "--out", str(tmp_path / "cmp")])
+    assert not any(tmp_path.iterdir())
 
 
 def _free_port() -> int:
