@@ -12,6 +12,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
+from algos.surgery.averaging import weight_averages_follow_surgery
 from algos.surgery.config import Selection
 from algos.surgery.errors import SurgeryError
 from algos.surgery.report import SurgeryReport
@@ -125,12 +126,13 @@ class SurgeryAlgorithm(Algorithm):
             self._log_reports(logger)
             return
         self._done = True
-        for algorithm in state.algorithms:
-            if isinstance(algorithm, BeforeSurgery):
-                algorithm.before_surgery(state)
-        calibration = _dataloader_batches(state, self.calibration_needed) if self.calibration_needed else None
-        before = meta_copy(state.model) if event == Event.INIT else None  # a checkpoint may load after INIT
-        report = self.surgery(state.model, optimizers=state.optimizers, calibration=calibration)
+        with weight_averages_follow_surgery(state):  # Composer's EMA / SWA copies take the new modules
+            for algorithm in state.algorithms:
+                if isinstance(algorithm, BeforeSurgery):
+                    algorithm.before_surgery(state)
+            calibration = _dataloader_batches(state, self.calibration_needed) if self.calibration_needed else None
+            before = meta_copy(state.model) if event == Event.INIT else None  # a checkpoint may load after INIT
+            report = self.surgery(state.model, optimizers=state.optimizers, calibration=calibration)
         self.reports.append(report)
         replaced = [fqn for row in report.replaced for fqn in (row.fqn, *row.companions)]
         self._record += [(fqn, meta_copy(state.model.get_submodule(fqn))) for fqn in replaced]

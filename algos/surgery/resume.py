@@ -28,6 +28,7 @@ from composer.core import Algorithm, Event, State
 from torch import nn
 
 from algos.surgery.algorithm import RECORD_KEY, SurgeryAlgorithm
+from algos.surgery.averaging import weight_averages_follow_replay
 from algos.surgery.replace import replace_modules
 from algos.surgery.skeleton import materialize, meta_copy
 from algos.surgery.targets import SURGERY_MARKER, converted_by
@@ -252,6 +253,7 @@ def install() -> None:
             rebuild_missing_algorithms(self, entries, exclude_algorithms)
         if isinstance(entries, list) and any(is_surgery_entry(entry) for entry in entries):
             replay_recorded_surgery(self, [e for e in entries if is_surgery_entry(e)], exclude_algorithms)
+            weight_averages_follow_replay(self)  # EMA / SWA copies made at INIT take the replayed architecture
             # Composer must not try its eval-by-name on our entries.
             state_dict = {**state_dict, "algorithms": [e for e in entries if not is_surgery_entry(e)]}
         return original(self, state_dict, logger, exclude_algorithms, algorithm_passes)
