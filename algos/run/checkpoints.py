@@ -5,7 +5,7 @@ so a Ctrl-C or a kill during the write leaves a truncated file there, and a resu
 ``FileExistsError ... may conflict with a future checkpoint``. Composer has no setting for an atomic write, so
 :func:`install` wraps that one function: the file is written under a hidden temporary name in the same folder and
 renamed into place (``os.replace``: atomic on one file system) only once it is complete. The wrapper is installed
-when ``algos.run`` is imported and serves every Trainer in the process.
+by ``import algos`` (as the resume hook is) and serves every Trainer in the process.
 
 :func:`tidy_for_resume` makes a run directory resumable after any interruption: leftover temporary files go, a
 truncated checkpoint from before this fix is moved aside, and ``latest`` points at the newest whole checkpoint (an

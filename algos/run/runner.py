@@ -49,7 +49,6 @@ RUN_KEYS = {"name": "run name (default: the YAML file names joined by '+')",
 RUNNER_OWNS = ("model", "train_dataloader", "eval_dataloader", "optimizers", "schedulers", "algorithms", "loggers",
                "callbacks", "run_name", "seed", "device", "save_folder", "save_overwrite")
 MARKER = rundir.MARKER
-checkpoints.install()  # every checkpoint file appears whole or not at all
 
 
 @dataclass

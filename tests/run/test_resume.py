@@ -284,3 +284,31 @@ def test_a_truncated_checkpoint_to_load_is_refused_before_anything_is_written(tm
                                           r"checkpoint \(no complete torch file\)$"):
         run(config(tmp_path / "new", f"trainer.load_path={tmp_path / 'half.pt'}"), quiet=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["half.pt"]
+
+
+def test_a_plain_composer_trainer_saves_whole_checkpoints_too(tmp_path, monkeypatch):
+    """``import algos`` makes every Composer checkpoint atomic, not only those of ``algos run``: a save that fails
+    midway leaves neither the file nor its temporary copy, and the previous checkpoint stays latest."""
+    from composer import Trainer
+    from composer.models import ComposerClassifier
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = DataLoader(TensorDataset(torch.randn(32, 8), torch.randint(0, 2, (32,))), batch_size=8)
+    model = ComposerClassifier(torch.nn.Linear(8, 2), num_classes=2)
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        if "ba2" in getattr(f, "name", ""):
+            f.write(b"PK\x03\x04")
+            raise OSError("No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    trainer = Trainer(model=model, train_dataloader=data, max_duration="3ba", save_folder=str(tmp_path),
+                      save_interval="1ba", optimizers=torch.optim.SGD(model.parameters(), lr=0.1), device="cpu",
+                      progress_bar=False)
+    with pytest.raises(OSError, match="No space left on device"):
+        trainer.fit()
+    trainer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ep0-ba1-rank0.pt", "latest-rank0.pt"]
+    assert (tmp_path / "latest-rank0.pt").resolve().name == "ep0-ba1-rank0.pt"
