@@ -6,19 +6,7 @@ import sys
 import pytest
 import torch
 
-from algos.fff import kernels
 from tests.fff.test_tree import random_tree
-
-
-@pytest.fixture(params=["kernels", "pytorch"])
-def backend(request, monkeypatch):
-    """The compiled kernels (neuron form; leaf form's routing), then the PyTorch path."""
-    if request.param == "pytorch":
-        monkeypatch.setattr(kernels, "ENABLED", False)
-    elif not kernels.ENABLED:
-        pytest.skip("numba is not installed")
-    return request.param
-
 
 NO_CACHE_SCRIPT = """
 import numba.core.caching as caching

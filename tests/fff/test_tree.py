@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from algos.fff import kernels
 from algos.fff.tree import FFF, hard_leaf, mixture_weights
 
 
@@ -61,16 +60,6 @@ def trained_tree(form, depth, node="mirrored"):
 TREES = [("neuron", 0, "mirrored"), ("neuron", 3, "mirrored"), ("neuron", 9, "mirrored"),
          ("neuron", 5, "ultrafastbert"), ("neuron", 4, "linear"),
          ("leaf", 0, None), ("leaf", 2, None), ("leaf", 4, None)]
-
-
-@pytest.fixture(params=["kernels", "pytorch"])
-def backend(request, monkeypatch):
-    """Runs a test on the compiled kernels (neuron form; leaf form's routing) and on the PyTorch path."""
-    if request.param == "pytorch":
-        monkeypatch.setattr(kernels, "ENABLED", False)
-    elif not kernels.ENABLED:
-        pytest.skip("numba is not installed")
-    return request.param
 
 
 @pytest.mark.parametrize("form,depth,node", TREES)
