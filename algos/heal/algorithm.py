@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from algos.heal.config import DistillConfig
 from algos.heal.distill import HiddenCapture, call, distillation_loss, matched_boundaries, teacher_bytes
 from algos.surgery.algorithm import SurgeryAlgorithm
+from algos.surgery.batches import eval_mode
 from algos.surgery.config import fields_help
 from algos.surgery.resume import REBUILD_KEY, load_model
 from algos.surgery.skeleton import materialize, meta_copy
@@ -60,7 +61,7 @@ class SelfDistillation(Algorithm):
         self.teacher_source = teacher
         self.teacher: nn.Module | None = None
         if isinstance(teacher, nn.Module):
-            self._set_teacher(teacher)
+            self._set_teacher(teacher, own=False)
         self._student: HiddenCapture | None = None
         self._teacher_capture: HiddenCapture | None = None
         self._logged = False
@@ -73,8 +74,7 @@ class SelfDistillation(Algorithm):
 
     def _take_teacher(self, state: State) -> None:
         model = _unwrap(state.model)
-        if self._student is not None:  # no hook of ours travels into the copy
-            self._student.detach()
+        self._unhook()  # no hook of ours travels into the copy
         snapshot = copy.deepcopy(model)
         if isinstance(self.teacher_source, (str, os.PathLike)):
             try:
@@ -85,10 +85,11 @@ class SelfDistillation(Algorithm):
                                         f"{first[:300]}") from None
         self._set_teacher(snapshot)
 
-    def _set_teacher(self, teacher: nn.Module) -> None:
-        teacher.eval()
-        for parameter in teacher.parameters():
-            parameter.requires_grad_(False)
+    def _set_teacher(self, teacher: nn.Module, *, own: bool = True) -> None:
+        """The teacher runs without gradients in eval mode (``_add_loss``). A copy of ours is also frozen for good;
+        a teacher passed in is the user's model, and none of its flags is touched (``own=False``)."""
+        if own:
+            teacher.eval().requires_grad_(False)
         self.teacher = teacher
         self._teacher_capture = None
         self._logged = False
@@ -99,7 +100,7 @@ class SelfDistillation(Algorithm):
 
     # -- Composer
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.FIT_START, Event.BEFORE_FORWARD, Event.AFTER_LOSS)
+        return event in (Event.INIT, Event.FIT_START, Event.BEFORE_FORWARD, Event.AFTER_LOSS, Event.FIT_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
@@ -113,7 +114,12 @@ class SelfDistillation(Algorithm):
         elif event == Event.BEFORE_FORWARD and self.teacher is not None:
             self._hooks(state)
         elif event == Event.AFTER_LOSS and self.teacher is not None and self._student is not None:
-            self._add_loss(state)
+            try:
+                self._add_loss(state)
+            finally:  # the hooks live for one training step: nothing of ours stays on either model between steps
+                self._unhook()
+        elif event == Event.FIT_END:
+            self._unhook()
         if self.teacher is not None and not self._logged:
             logger.log_hyperparameters({"distill/teacher_bytes": self.teacher_bytes})
             self._logged = True
@@ -135,13 +141,18 @@ class SelfDistillation(Algorithm):
         self._student.attach(model)
         if self._teacher_capture is None:
             self._teacher_capture = HiddenCapture(self._student.names)
-            self._teacher_capture.attach(self.teacher)
+        self._teacher_capture.attach(self.teacher)
+
+    def _unhook(self) -> None:
+        for capture in (self._student, self._teacher_capture):
+            if capture is not None:
+                capture.detach()
 
     def _add_loss(self, state: State) -> None:
         device = _device_of(_unwrap(state.model))
         if _device_of(self.teacher) != device:
             self.teacher.to(device)
-        with torch.no_grad(), get_precision_context(state.precision):
+        with torch.no_grad(), eval_mode(self.teacher), get_precision_context(state.precision):
             teacher_output = call(self.teacher, state.batch)
         extra = distillation_loss(state.outputs, teacher_output, self._student.outputs, self._teacher_capture.outputs,
                                   self.config, state.batch)

@@ -230,7 +230,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, *, steps:
             embedding_weight: float = 0.0, task_weight: float = 0.0, weight_decay: float = 0.0,
             schedule: str = "constant", warmup_steps: int = 0,
             callback: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train ``student`` in place for ``steps`` AdamW steps to match ``teacher`` (frozen, eval mode, never changed)
+    """Train ``student`` in place for ``steps`` AdamW steps to match ``teacher`` (run without gradients in eval mode,
+    never changed: its weights, ``requires_grad`` flags, modes and device are as they were when this returns)
     on ``batches`` (model inputs: dicts of tensors for HF models, tuples or tensors otherwise; cycled when shorter
     than ``steps``), and return the loss of every step. The loss is in this module's docstring; ``task_weight`` 0
     is pure distillation, so the batches need no labels. The learning rate: a linear warm-up over ``warmup_steps``,
@@ -251,16 +252,19 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, *, steps:
         raise config.error(f"warmup_steps={warmup_steps!r} must be an int in [0, steps={steps}).")
     if teacher is student:
         raise config.error("teacher is the student itself; pass a copy (copy.deepcopy(model) before surgery).")
+    if not any(parameter.requires_grad for parameter in student.parameters()):
+        raise config.error("the student has no parameter with requires_grad=True, so there is nothing to train; "
+                           "unfreeze the parameters to heal (e.g. student.requires_grad_(True)).")
     names = matched_boundaries(student, teacher, config)
     device = next(itertools.chain(student.parameters(), student.buffers())).device
-    teacher.to(device)
-    for parameter in teacher.parameters():
-        parameter.requires_grad_(False)
+    teacher_device = next(itertools.chain(teacher.parameters(), teacher.buffers()), torch.empty(0)).device
+    teacher.to(device)  # moved back when done; never trained (no-grad forward), its flags never touched
     student_capture, teacher_capture = HiddenCapture(names), HiddenCapture(names)
     student_capture.attach(student)
     teacher_capture.attach(teacher)
     optimizer = None
     history: list[float] = []
+    modes = [(module, module.training) for module in student.modules()]
     student.train()
     try:
         stream = itertools.cycle(batches)
@@ -294,4 +298,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, *, steps:
     finally:
         student_capture.detach()
         teacher_capture.detach()
+        teacher.to(teacher_device)
+        for module, training in modes:
+            module.training = training
     return history

@@ -35,7 +35,7 @@ from algos.run.data import DATA
 from algos.run.models import GENERATIVE_TASKS, MODELS, PAD_ID, token_counter
 from algos.run.registry import ConfigError, check_kwargs
 from algos.surgery import SurgeryAlgorithm, SurgeryError
-from algos.surgery.batches import call_model
+from algos.surgery.macs import measure_macs
 
 RUN_KEYS = {"name": "run name (default: the YAML file names joined by '+')",
             "dir": "run directory (default: runs/<name>)",
@@ -487,7 +487,7 @@ def inspect_config(config: DictConfig) -> str:
         calibration = list(_take(built.train, algorithm.calibration_needed)) if algorithm.calibration_needed else None
         reports.append(algorithm.surgery(model, calibration=calibration))
     model.eval()
-    call_model(model, next(iter(built.eval)))  # fills in the reports' MACs per sample
+    measure_macs(reports, model, next(iter(built.eval)))  # the reports' MACs per sample
     after = sum(p.numel() for p in model.parameters())
     parts = [str(report) for report in reports] or ["no surgery algorithm in this config"]
     parts.append(f"model {built.name!r}: {before:,} -> {after:,} parameters")

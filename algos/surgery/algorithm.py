@@ -11,10 +11,13 @@ from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from algos.surgery.averaging import weight_averages_follow_surgery
+from algos.surgery.batches import first_sample
 from algos.surgery.config import Selection
 from algos.surgery.errors import SurgeryError
+from algos.surgery.macs import measure_macs
 from algos.surgery.report import SurgeryReport
 from algos.surgery.skeleton import meta_copy
 from algos.surgery.surgery import Surgery, plan_surgery, run_surgery, settings_signature, split_settings
@@ -111,7 +114,7 @@ class SurgeryAlgorithm(Algorithm):
         return plan_surgery(self.surgery_class(model, self.config, self.selection))
 
     def match(self, event: Event, state: State) -> bool:
-        return self._due(event, state) or (event == Event.BATCH_END and bool(self._unlogged))
+        return self._due(event, state) or (event == Event.BEFORE_FORWARD and bool(self._unlogged))
 
     def _due(self, event: Event, state: State) -> bool:
         if self._done:
@@ -122,7 +125,11 @@ class SurgeryAlgorithm(Algorithm):
         return event in (Event.BATCH_END, Event.EPOCH_END) and time_reached(state, when)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if not self._due(event, state):
+        if not self._due(event, state):  # the first batch after the surgery: measure its MACs on it, then log
+            unmeasured = [report for report in self._unlogged if not report.measured]
+            if unmeasured and state.batch is not None:
+                model = state.model.module if isinstance(state.model, DistributedDataParallel) else state.model
+                measure_macs(unmeasured, model, first_sample(state.batch))
             self._log_reports(logger)
             return
         self._done = True
@@ -140,7 +147,7 @@ class SurgeryAlgorithm(Algorithm):
             self._originals = [(fqn, before.get_submodule(fqn)) for fqn in replaced]
         self._unlogged.append(report)
         log.info("%s", report)
-        if report.measured:  # else MACs come with the first forward pass, and the report is logged after batch 1
+        if report.measured:  # else MACs are measured on the next batch, and the report is logged then
             self._log_reports(logger)
 
     def adopt(self, record: list[tuple[str, nn.Module]]) -> None:

@@ -32,8 +32,6 @@ from composer.core import State
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from algos.surgery import macs
-
 
 @contextlib.contextmanager
 def weight_averages_follow_surgery(state: State) -> Iterator[None]:
@@ -77,17 +75,6 @@ def restart_swa(swa: SWA, model: nn.Module) -> None:
     device = next(itertools.chain(old.parameters(), old.buffers())).device
     swa.swa_model = AveragedModel(model, device=device, avg_fn=old.avg_fn, multi_avg_fn=old.multi_avg_fn,
                                   use_buffers=old.use_buffers)
-    _drop_report_hooks(swa.swa_model)
-
-
-def _drop_report_hooks(copy: nn.Module) -> None:
-    """Remove the surgery report's measure-MACs-on-first-forward hooks from a deep copy of the model: they belong
-    to the live model (a copy running first would unhook the live one and fail on its own next forward)."""
-    for module in copy.modules():
-        for key, hook in list(module._forward_pre_hooks.items()):
-            if getattr(hook, "__module__", None) == macs.__name__:
-                del module._forward_pre_hooks[key]
-                module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,5 +1,5 @@
 """Multiply-accumulates per sample: ``torch.utils.flop_counter`` with the formulas it lacks (FFT, weighted
-embedding_bag), and the hook that measures a report's new and old modules on the first input they get."""
+embedding_bag), and the measuring of a report's new and old modules on the inputs they get in one call of the model."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from torch.utils.hooks import RemovableHandle
 
 from algos.surgery.batches import call_model, eval_mode, first_sample, to_meta, without_state
 from algos.surgery.report import SurgeryReport
@@ -86,29 +85,32 @@ def count_macs(module: nn.Module, args: tuple, kwargs: dict) -> int:
     return counter.get_total_flops() // 2 + sum(extra)
 
 
-def measure_macs_on_first_call(report: SurgeryReport, *, example_inputs=None, model: nn.Module | None = None) -> None:
-    """Fill in each row's MACs the first time its new module runs, on the input it actually gets.
+def measure_macs(reports: list[SurgeryReport], model: nn.Module, inputs) -> None:
+    """Fill in the MACs per sample of every row of ``reports`` not measured yet: ``model`` runs once on ``inputs``
+    (eval mode, no grad), and each new module is measured on the input it gets there; the old one on a weightless
+    copy with a meta-device input of the same shape, so it costs no memory and no time.
 
-    The new module is measured on that input in eval mode (the inference cost); the old one on a weightless copy
-    with a meta-device input of the same shape, so it costs no memory and no time. With ``example_inputs`` the model
-    runs once right away (eval mode, no grad); otherwise the model's next forward pass does it.
+    The measuring hooks live only for this call: nothing is left on the model, so a surgered model copies, pickles,
+    quantizes and exports like any other (a hook left for "the next forward" broke all four). Rows whose module the
+    call does not reach stay unmeasured (MACs None), and are not tried again.
     """
-    handles: dict[str, RemovableHandle] = {}
-    for fqn, (old_skeleton, new_module) in report._unmeasured.items():
-        hook = _measure_hook(report, fqn, old_skeleton, handles)
-        handles[fqn] = new_module.register_forward_pre_hook(hook, with_kwargs=True)
-    if example_inputs is not None and model is not None and handles:
-        with eval_mode(model):
-            call_model(model, example_inputs)
-        for handle in handles.values():  # modules the example did not reach stay unmeasured
+    handles = [new_module.register_forward_pre_hook(_measure_hook(report, fqn, old_skeleton), with_kwargs=True)
+               for report in reports for fqn, (old_skeleton, new_module) in report._unmeasured.items()]
+    try:
+        if handles:
+            with eval_mode(model):
+                call_model(model, inputs)
+    finally:
+        for handle in handles:
             handle.remove()
-        report._unmeasured.clear()
+        for report in reports:
+            report._unmeasured.clear()
 
 
-def _measure_hook(report: SurgeryReport, fqn: str, old_skeleton: nn.Module, handles: dict[str, RemovableHandle]):
+def _measure_hook(report: SurgeryReport, fqn: str, old_skeleton: nn.Module):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        # First call only: unhooking first also keeps the measuring call below from recursing.
-        handles.pop(fqn).remove()
+        if fqn not in report._unmeasured:  # measured already (a module called twice, or the measuring call itself)
+            return
         del report._unmeasured[fqn]
         args, kwargs = first_sample(without_state((args, kwargs)))
         row = next(row for row in report.replaced if row.fqn == fqn)

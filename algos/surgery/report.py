@@ -50,6 +50,15 @@ class SurgeryReport:
         """True once every replaced module's MACs were measured (or could not be, for want of an input)."""
         return not self._unmeasured
 
+    def measure(self, model: nn.Module, inputs) -> SurgeryReport:
+        """Fill in the MACs per sample: run ``model`` (the whole model the surgery rewrote) once on ``inputs`` (a
+        batch it can be called with), in eval mode without gradients. Returns the report. Surgeries given
+        ``example_inputs`` do this themselves, and a Composer surgery does it on the first batch it trains on."""
+        from algos.surgery.macs import measure_macs  # macs builds on this module
+
+        measure_macs([self], model, inputs)
+        return self
+
     def totals(self) -> dict:
         """Sums over replaced modules; a MAC total is None unless every row was measured."""
         macs_before = [row.macs_before for row in self.replaced]

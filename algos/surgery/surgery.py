@@ -21,7 +21,6 @@ from torch import nn
 
 from algos.surgery.config import Selection, SurgeryConfig, fields_help
 from algos.surgery.errors import NothingToRewrite, SurgeryError
-from algos.surgery.macs import measure_macs_on_first_call
 from algos.surgery.replace import Rewrite, SkipModule, replace_modules
 from algos.surgery.report import SurgeryReport
 from algos.surgery.targets import (
@@ -101,8 +100,8 @@ def run_surgery(surgery: Surgery, *, calibration=None, optimizers=None, example_
 
     Converters run for every target before the first swap, so a converter error leaves the model untouched; the
     swap itself is all or nothing (``replace_modules``). With ``example_inputs`` (a batch the model can be called
-    with) the model runs once after surgery to fill in the report's MACs per sample; otherwise the model's next
-    forward pass does.
+    with) the model runs once after surgery to fill in the report's MACs per sample; otherwise they stay unknown
+    until ``report.measure(model, batch)``. Nothing but the new modules is left on the model (no hook).
     """
     model, name, strict = surgery.model, surgery.name, surgery.selection.strict
     targets, skipped = _select(surgery)
@@ -133,7 +132,8 @@ def run_surgery(surgery: Surgery, *, calibration=None, optimizers=None, example_
             raise SurgeryError(name, message + ".")
         warnings.warn(NoEffectWarning(f"{name}: {message}; the model is unchanged."), stacklevel=2)
     replace_modules(model, replacements, optimizers)
-    measure_macs_on_first_call(report, example_inputs=example_inputs, model=model)
+    if example_inputs is not None:
+        report.measure(model, example_inputs)
     return report
 
 

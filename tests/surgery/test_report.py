@@ -39,17 +39,20 @@ def test_rows_and_totals_match_hand_counts():
     assert "proj" in text and "272 -> 144" in text and "2,048 -> 1,024" in text and "rank=4" in text
 
 
-def test_macs_filled_on_next_forward_when_no_example_is_given():
+def test_macs_are_measured_on_request_and_nothing_stays_on_the_model():
     model = Net()
     report = apply_surgery(model, low_rank, algorithm="LowRank", classes=(nn.Linear,))
     assert not report.measured and report.totals()["macs_before"] is None and "-" in str(report)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())  # no hook left behind
     model.train()
-    model(torch.randn(2, 3, 4, 4)).sum().backward()  # a training step does the measuring
-    assert report.measured and model.training and all(m.training for m in model.modules())
-    assert not model.proj._forward_pre_hooks and not model.head._forward_pre_hooks  # measuring hooks are gone
+    model(torch.randn(2, 3, 4, 4)).sum().backward()  # training does not measure (nor break)
+    assert not report.measured
+    assert report.measure(model, torch.randn(2, 3, 4, 4)) is report and report.measured
+    assert model.training and all(m.training for m in model.modules())  # modes restored
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
     rows = {row.fqn: row for row in report.replaced}
     assert (rows["head"].macs_before, rows["head"].macs_after) == (8 * 16 * 2, 8 * (16 * 4 + 4 * 2))
-    model(torch.randn(2, 3, 4, 4))
+    report.measure(model, torch.randn(2, 3, 4, 4))
     assert rows["proj"].macs_after == 8 * 128  # measured once, not summed over calls
 
 
