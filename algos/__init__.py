@@ -10,11 +10,8 @@ from algos.factorize import Factorize, FactorizedConv1d, FactorizedConv2d, Facto
 from algos.fff import FFF, FFFReplace, FFFTraining, apply_fff
 from algos.fnet import FNetMixing, FourierMixing, apply_fnet_mixing
 from algos.heal import SelfDistillation, distill
-from algos.run import checkpoints as _checkpoints
 from algos.surgery import SkipModule, SurgeryAlgorithm, SurgeryReport, apply_surgery, load_model, select_targets
 from algos.surgery.example import SwapLinear, apply_swap_linear
-
-_checkpoints.install()  # every Composer checkpoint in this process appears whole or not at all
 
 __all__ = [
     "NoEffectWarning", "load_model",

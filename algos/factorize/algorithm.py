@@ -30,9 +30,8 @@ from algos.factorize.lowrank import (
     energy_rank,
     round_rank,
 )
-from algos.fff.blocks import DenseMLP
-from algos.fff.handlers import BLOCK_CLASSES, BLOCKS, NotADenseBlock
 from algos.surgery.algorithm import SurgeryAlgorithm
+from algos.surgery.blocks import BLOCK_CLASSES, BLOCKS, DenseMLP, NotADenseBlock
 from algos.surgery.calibration import CalibrationError, run_calibration
 from algos.surgery.fit import fit_to_outputs
 from algos.surgery.replace import SkipModule
@@ -269,14 +268,14 @@ class FactorizeSurgery(Surgery):
 class FittedBlock:
     """An MLP block (Linear, activation, Linear) whose two layers Factorize both targets: fitted together."""
 
-    name: str  # where FFF-replace finds it: the Sequential, the BERT intermediate, the Transformer layer
+    name: str  # where the block is: the Sequential, the BERT intermediate, the Transformer layer
     first: str
     second: str
     dense: DenseMLP
 
 
 def mlp_blocks(model: nn.Module, targets: dict[str, nn.Module]) -> list[FittedBlock]:
-    """The MLP blocks FFF-replace recognises (``algos.fff.handlers.BLOCKS``: HF BERT intermediate/output pairs,
+    """The MLP blocks of the model (``algos.surgery.blocks.BLOCKS``: HF BERT intermediate/output pairs,
     ``nn.Sequential`` MLPs, Transformer layers' feed-forwards) whose fc1 and fc2 are both in ``targets``."""
     names = {id(layer): fqn for fqn, layer in targets.items()}
     found = []

@@ -1,6 +1,6 @@
 """FFF-replace: the surgery (``FFFSurgery``), the functional ``apply_fff`` and the Composer algorithm ``FFFReplace``
 (the surgery plus the training aids of ``algos.fff.training``). The settings are ``FFFConfig`` (config.py); the block
-families it rewrites are handlers in ``handlers.BLOCKS``."""
+blocks it rewrites are the core's (``algos.surgery.blocks``), what it does with each family is in ``handlers``."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from torch import nn
 
 from algos.fff.config import FFFConfig
 from algos.fff.dense_init import init_from_dense, relative_error
-from algos.fff.handlers import BLOCK_CLASSES, BLOCKS, Block, NotADenseBlock
+from algos.fff.handlers import already_converted, rewrite, tree_goes_inside
 from algos.fff.training import FFFTraining
 from algos.fff.tree import ACTIVATIONS, FFF, activation_name
 from algos.surgery.algorithm import SurgeryAlgorithm
+from algos.surgery.blocks import BLOCK_CLASSES, BLOCKS, Block, NotADenseBlock
 from algos.surgery.calibration import CalibrationError, run_calibration
 from algos.surgery.config import Selection
 from algos.surgery.errors import NothingToRewrite
@@ -37,7 +38,7 @@ class ModelIsTheBlock(NothingToRewrite):
 
 
 class FFFSurgery(Surgery):
-    """Dense MLP blocks (``algos.fff.handlers.BLOCKS``) -> FFF trees of the same input/output width."""
+    """Dense MLP blocks (``algos.surgery.blocks.BLOCKS``) -> FFF trees of the same input/output width."""
 
     config_class = FFFConfig
     config: FFFConfig
@@ -77,9 +78,9 @@ class FFFSurgery(Surgery):
         """A dense block; with ``target_modules``, any module of the block classes, so that ``skip_reason`` can say
         what a named one lacks. A Transformer layer converted before is no candidate: the search goes inside, where
         the core skips its tree as already converted (so applying twice is applying once)."""
-        family = BLOCKS.find(module)
-        if family.already_converted(module):
+        if already_converted(module):
             return False
+        family = BLOCKS.find(module)
         try:
             self.found[fqn] = family.find(module, fqn, self.model)
         except NotADenseBlock as what:
@@ -144,7 +145,7 @@ class FFFSurgery(Surgery):
                 notes.update(self.fit(fff, block, self.inputs[fqn]))
         elif self.calibrated:
             notes["init"] = "scratch (calibration never reached it)"
-        return block.rewrite(fff, fqn, notes)
+        return rewrite(block, fff, fqn, notes)
 
     def fit(self, fff: FFF, block: Block, inputs: torch.Tensor) -> dict[str, float | str]:
         """Train ``fff`` to reproduce ``block.dense`` on ``inputs`` (``algos.surgery.fit``); the held-out relative
@@ -216,7 +217,7 @@ class FFFSurgery(Surgery):
                                         f"target_modules must name dense MLP blocks or nn.Linear layers.")
 
     def _how_to_convert_root(self, block: Block) -> str:
-        if block.family.tree_goes_inside:
+        if tree_goes_inside(block):
             return "put it inside a parent module: apply_fff(nn.Sequential(layer), ...) converts the layer in place"
         c, act = self.config, self.activation_for(block)
         if isinstance(act, nn.Module):

@@ -12,7 +12,7 @@ from algos.surgery.config import SurgeryConfig, setting
 from algos.surgery.fit import check_fit_settings
 
 if TYPE_CHECKING:
-    from algos.fff.handlers import Block
+    from algos.surgery.blocks import Block
 
 INITS = ("scratch", "dense")
 

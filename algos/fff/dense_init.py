@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from algos.fff.blocks import DenseMLP
 from algos.fff.tree import FFF
+from algos.surgery.blocks import DenseMLP
 
 MIN_TOKENS = 8  # a node with fewer calibration tokens keeps its scratch values
 # Leaf form: logits scaled to ~4 per standard deviation of the projection (sigma(4) = 0.98), so the soft mixture

@@ -35,7 +35,8 @@ from algos.run.data import DATA
 from algos.run.models import GENERATIVE_TASKS, MODELS, PAD_ID, token_counter
 from algos.run.registry import ConfigError, check_kwargs
 from algos.surgery import SurgeryAlgorithm, SurgeryError
-from algos.surgery.macs import measure_macs
+from algos.surgery.checkpoint_files import is_whole
+from algos.surgery.report import measure_macs
 
 RUN_KEYS = {"name": "run name (default: the YAML file names joined by '+')",
             "dir": "run directory (default: runs/<name>)",
@@ -147,7 +148,7 @@ def build(config: DictConfig, *, for_training: bool = True) -> Built:
     load_path = trainer.get("load_path")
     if load_path and "://" not in load_path and not Path(load_path).is_file():
         raise ConfigError(f"trainer.load_path={load_path!r}: no such checkpoint file")
-    if load_path and "://" not in load_path and not checkpoints.is_whole(Path(load_path)):
+    if load_path and "://" not in load_path and not is_whole(Path(load_path)):
         raise ConfigError(f"trainer.load_path={load_path!r} is truncated or not a checkpoint (no complete torch file)")
     built = Built(name, run_dir, overwrite, model, train, evaluation, algorithms,
                   algorithm_keys=list(_section(plain, "algorithms")), plans=plans, resume=resume)

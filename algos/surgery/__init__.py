@@ -2,6 +2,7 @@
 class, and checkpoint resume. Every algorithm in ``algos`` is built on it: a ``SurgeryConfig`` (settings), a
 ``Surgery`` (which modules, how each is converted) and a ``SurgeryAlgorithm`` subclass naming it."""
 
+from algos.surgery import checkpoint_files as _checkpoint_files
 from algos.surgery import resume as _resume  # noqa: F401  (installs the checkpoint-resume hook)
 from algos.surgery.algorithm import SurgeryAlgorithm, parse_time, time_reached
 from algos.surgery.config import Selection, SurgeryConfig, setting
@@ -21,3 +22,5 @@ __all__ = [
     "apply_surgery", "replace_modules", "select_targets", "name_matches", "converted_by", "count_macs",
     "count_params", "load_model", "parse_time", "time_reached",
 ]
+
+_checkpoint_files.install()  # every Composer checkpoint in this process appears whole or not at all

@@ -17,8 +17,7 @@ from algos.surgery.averaging import weight_averages_follow_surgery
 from algos.surgery.batches import first_sample
 from algos.surgery.config import Selection
 from algos.surgery.errors import SurgeryError
-from algos.surgery.macs import measure_macs
-from algos.surgery.report import SurgeryReport
+from algos.surgery.report import SurgeryReport, measure_macs
 from algos.surgery.skeleton import meta_copy
 from algos.surgery.surgery import Surgery, plan_surgery, run_surgery, settings_signature, split_settings
 

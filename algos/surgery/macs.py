@@ -1,5 +1,5 @@
-"""Multiply-accumulates per sample: ``torch.utils.flop_counter`` with the formulas it lacks (FFT, weighted
-embedding_bag), and the measuring of a report's new and old modules on the inputs they get in one call of the model."""
+"""Multiply-accumulates: ``torch.utils.flop_counter`` with the formulas it lacks (FFT, weighted embedding_bag), and
+modules that count their own (``CountsOwnMacs``). A report's rows are measured with it in ``algos.surgery.report``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-
-from algos.surgery.batches import call_model, eval_mode, first_sample, to_meta, without_state
-from algos.surgery.report import SurgeryReport
 
 
 @runtime_checkable
@@ -83,44 +80,3 @@ def count_macs(module: nn.Module, args: tuple, kwargs: dict) -> int:
         for handle in handles:
             handle.remove()
     return counter.get_total_flops() // 2 + sum(extra)
-
-
-def measure_macs(reports: list[SurgeryReport], model: nn.Module, inputs) -> None:
-    """Fill in the MACs per sample of every row of ``reports`` not measured yet: ``model`` runs once on ``inputs``
-    (eval mode, no grad), and each new module is measured on the input it gets there; the old one on a weightless
-    copy with a meta-device input of the same shape, so it costs no memory and no time.
-
-    The measuring hooks live only for this call: nothing is left on the model, so a surgered model copies, pickles,
-    quantizes and exports like any other (a hook left for "the next forward" broke all four). Rows whose module the
-    call does not reach stay unmeasured (MACs None), and are not tried again.
-    """
-    handles = [new_module.register_forward_pre_hook(_measure_hook(report, fqn, old_skeleton), with_kwargs=True)
-               for report in reports for fqn, (old_skeleton, new_module) in report._unmeasured.items()]
-    try:
-        if handles:
-            with eval_mode(model):
-                call_model(model, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for report in reports:
-            report._unmeasured.clear()
-
-
-def _measure_hook(report: SurgeryReport, fqn: str, old_skeleton: nn.Module):
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if fqn not in report._unmeasured:  # measured already (a module called twice, or the measuring call itself)
-            return
-        del report._unmeasured[fqn]
-        args, kwargs = first_sample(without_state((args, kwargs)))
-        row = next(row for row in report.replaced if row.fqn == fqn)
-        with eval_mode(module):
-            row.macs_after = count_macs(module, args, kwargs)
-        try:
-            meta_args, meta_kwargs = to_meta((args, kwargs))
-            with eval_mode(old_skeleton):
-                row.macs_before = count_macs(old_skeleton, meta_args, meta_kwargs)
-        except Exception:  # an old module whose forward needs real values (data-dependent control flow)
-            row.macs_before = None
-
-    return hook

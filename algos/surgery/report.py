@@ -1,4 +1,5 @@
-"""SurgeryReport: what a surgery changed, module by module, with parameters and MACs per sample before and after."""
+"""SurgeryReport: what a surgery changed, module by module, with parameters and MACs per sample before and after, and
+how those MACs are measured (``measure_macs``: one call of the model, hooks that live only for it)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from tabulate import tabulate
 from torch import nn
 
+from algos.surgery.batches import call_model, eval_mode, first_sample, to_meta, without_state
+from algos.surgery.macs import count_macs
 from algos.surgery.skeleton import meta_copy
 from algos.surgery.targets import Skip
 
@@ -54,8 +57,6 @@ class SurgeryReport:
         """Fill in the MACs per sample: run ``model`` (the whole model the surgery rewrote) once on ``inputs`` (a
         batch it can be called with), in eval mode without gradients. Returns the report. Surgeries given
         ``example_inputs`` do this themselves, and a Composer surgery does it on the first batch it trains on."""
-        from algos.surgery.macs import measure_macs  # macs builds on this module
-
         measure_macs([self], model, inputs)
         return self
 
@@ -121,3 +122,44 @@ def _arrow(before, after) -> str:
 def _notes(notes: dict) -> str:
     return ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                      for key, value in notes.items())
+
+
+def measure_macs(reports: list[SurgeryReport], model: nn.Module, inputs) -> None:
+    """Fill in the MACs per sample of every row of ``reports`` not measured yet: ``model`` runs once on ``inputs``
+    (eval mode, no grad), and each new module is measured on the input it gets there; the old one on a weightless
+    copy with a meta-device input of the same shape, so it costs no memory and no time.
+
+    The measuring hooks live only for this call: nothing is left on the model, so a surgered model copies, pickles,
+    quantizes and exports like any other (a hook left for "the next forward" broke all four). Rows whose module the
+    call does not reach stay unmeasured (MACs None), and are not tried again.
+    """
+    handles = [new_module.register_forward_pre_hook(_measure_hook(report, fqn, old_skeleton), with_kwargs=True)
+               for report in reports for fqn, (old_skeleton, new_module) in report._unmeasured.items()]
+    try:
+        if handles:
+            with eval_mode(model):
+                call_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for report in reports:
+            report._unmeasured.clear()
+
+
+def _measure_hook(report: SurgeryReport, fqn: str, old_skeleton: nn.Module):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if fqn not in report._unmeasured:  # measured already (a module called twice, or the measuring call itself)
+            return
+        del report._unmeasured[fqn]
+        args, kwargs = first_sample(without_state((args, kwargs)))
+        row = next(row for row in report.replaced if row.fqn == fqn)
+        with eval_mode(module):
+            row.macs_after = count_macs(module, args, kwargs)
+        try:
+            meta_args, meta_kwargs = to_meta((args, kwargs))
+            with eval_mode(old_skeleton):
+                row.macs_before = count_macs(old_skeleton, meta_args, meta_kwargs)
+        except Exception:  # an old module whose forward needs real values (data-dependent control flow)
+            row.macs_before = None
+
+    return hook
