@@ -10,11 +10,20 @@ from algos.factorize import Factorize, FactorizedConv1d, FactorizedConv2d, Facto
 from algos.fff import FFF, FFFReplace, FFFTraining, apply_fff
 from algos.fnet import FNetMixing, FourierMixing, apply_fnet_mixing
 from algos.heal import SelfDistillation, distill
-from algos.surgery import SkipModule, SurgeryAlgorithm, SurgeryReport, apply_surgery, load_model, select_targets
+from algos.surgery import (
+    SkipModule,
+    SurgeryAlgorithm,
+    SurgeryReport,
+    apply_surgery,
+    from_pretrained,
+    load_model,
+    save_pretrained,
+    select_targets,
+)
 from algos.surgery.example import SwapLinear, apply_swap_linear
 
 __all__ = [
-    "NoEffectWarning", "load_model",
+    "NoEffectWarning", "load_model", "save_pretrained", "from_pretrained",
     "SkipModule", "SurgeryAlgorithm", "SurgeryReport", "apply_surgery", "select_targets",
     "SwapLinear", "apply_swap_linear",
     "Factorize", "apply_factorization", "FactorizedLinear", "FactorizedConv1d", "FactorizedConv2d",

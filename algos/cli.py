@@ -9,6 +9,8 @@ COMMANDS = {
     "run": "train BASE.yaml [RECIPE.yaml ...] [key=value ...] and print a summary",
     "compare": "baseline plus one run per recipe: table, JSON/CSV and a plot",
     "inspect": "print the surgery report of BASE.yaml [RECIPE.yaml ...] without training",
+    "export": "RUN_DIR_OR_CHECKPOINT OUT_DIR: the trained network as safetensors + a JSON surgery record "
+              "(load with algos.from_pretrained)",
     "demo": "scripted Factorize-in-mid-training and resume check on the digits",
 }
 
@@ -39,6 +41,20 @@ def load(args: argparse.Namespace):
 def run_command(command: str, argv: list[str]) -> None:
     from algos.run.registry import ConfigError
 
+    if command == "export":
+        parser = argparse.ArgumentParser(prog="algos export", description=COMMANDS["export"])
+        parser.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
+        parser.add_argument("out", metavar="OUT_DIR")
+        parser.add_argument("--overwrite", action="store_true", help="replace the two files in a non-empty OUT_DIR")
+        args = parser.parse_args(argv)
+        try:
+            from algos.run.export import export
+
+            print(f"wrote {export(args.source, args.out, overwrite=args.overwrite)}: load it with "
+                  f"algos.from_pretrained(network_built_as_before_surgery, {args.out!r})")
+        except ConfigError as error:
+            sys.exit(f"algos export: {error}")
+        return
     args = parse(command, argv)
     try:
         if command == "run":

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from algos.surgery.pretrained import SPECS
+
 
 class FactorizedLinear(nn.Module):
     """y = second(first(x)) = U (V x) + b: ``first`` is V (in -> rank, no bias), ``second`` is U (rank -> out)."""
@@ -62,3 +64,28 @@ class FactorizedConv2d(_FactorizedConv):
 def factorized_product(module: nn.Module) -> torch.Tensor:
     """U V of a factorized layer, as a d_out x d_in matrix."""
     return module.second.weight.flatten(1) @ module.first.weight.flatten(1)
+
+
+def _conv_spec(module: _FactorizedConv, spec) -> dict:
+    first = module.first
+    return {"in_channels": module.in_channels, "out_channels": module.out_channels, "rank": module.rank,
+            "kernel_size": list(first.kernel_size), "stride": list(first.stride),
+            "padding": first.padding if isinstance(first.padding, str) else list(first.padding),
+            "dilation": list(first.dilation), "bias": module.second.bias is not None,
+            "padding_mode": first.padding_mode}
+
+
+def _conv_from_spec(cls: type[_FactorizedConv]):
+    def build(s: dict, child) -> _FactorizedConv:
+        padding = s["padding"] if isinstance(s["padding"], str) else tuple(s["padding"])
+        return cls(s["in_channels"], s["out_channels"], s["rank"], tuple(s["kernel_size"]), stride=tuple(s["stride"]),
+                   padding=padding, dilation=tuple(s["dilation"]), bias=s["bias"], padding_mode=s["padding_mode"])
+    return build
+
+
+SPECS.register("FactorizedLinear", FactorizedLinear,
+               lambda m, spec: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
+                                "bias": m.second.bias is not None},
+               lambda s, child: FactorizedLinear(s["in_features"], s["out_features"], s["rank"], bias=s["bias"]))
+for _cls in (FactorizedConv1d, FactorizedConv2d):
+    SPECS.register(_cls.__name__, _cls, _conv_spec, _conv_from_spec(_cls))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from algos.surgery.pretrained import SPECS
+
 
 class TransformerLayerFFF(nn.Module):
     """The FFF in ``linear1``'s place inside an ``nn.Transformer{Encoder,Decoder}Layer``, whose feed-forward is
@@ -24,3 +26,7 @@ class TransformerLayerFFF(nn.Module):
         layer.activation = nn.Identity()
         layer.dropout = nn.Identity()
         layer.activation_relu_or_gelu = 0  # read by the fast-path check, which would then use linear1.weight
+
+
+SPECS.register("TransformerLayerFFF", TransformerLayerFFF, lambda m, spec: {"fff": spec(m.fff)},
+               lambda s, child: TransformerLayerFFF(child(s["fff"])))

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from algos.fff import kernels
+from algos.surgery.pretrained import SPECS
 
 FORMS = ("neuron", "leaf")
 NODES = ("mirrored", "ultrafastbert", "linear")
@@ -349,3 +350,26 @@ def mixture_weights(decisions: torch.Tensor, depth: int) -> tuple[torch.Tensor, 
         # children of the j-th node of a level are the (2j)-th and (2j+1)-th of the next: interleave left/right
         p = torch.stack([p * (1 - right), p * right], dim=-1).flatten(1)
     return p, (torch.cat(reach, 1) if reach else decisions.new_zeros(decisions.shape[0], 0))
+
+
+def _tree_spec(tree: FFF, spec) -> dict:
+    """The constructor's arguments; the activation by the name of the function it computes (any module computing
+    GELU, HF's GELUActivation included, is saved as "gelu" and rebuilt as nn.GELU: the same values)."""
+    code = kernels.activation_code(tree.activation)
+    names = {number: name for name, number in kernels.CODES.items()}
+    if code is None:
+        raise ValueError(f"FFF: cannot save activation {type(tree.activation).__name__}: it computes none of "
+                         f"{', '.join(kernels.CODES)}")
+    return {"in_features": tree.in_features, "out_features": tree.out_features, "depth": tree.depth,
+            "form": tree.form, "leaf_width": tree.leaf_width, "node": tree.node, "region_leak": tree.region_leak,
+            "hard_training": tree.hard_training, "activation": names[code]}
+
+
+def _tree_from_spec(s: dict, child) -> FFF:
+    activation = nn.Identity() if s["activation"] == "identity" else s["activation"]
+    optional = {key: s[key] for key in ("leaf_width", "node") if s[key] is not None}
+    return FFF(s["in_features"], s["out_features"], s["depth"], form=s["form"], activation=activation,
+               region_leak=s["region_leak"], hard_training=s["hard_training"], **optional)
+
+
+SPECS.register("FFF", FFF, _tree_spec, _tree_from_spec)

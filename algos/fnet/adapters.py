@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from algos.fnet.mixing import FourierMixing
+from algos.surgery.pretrained import SPECS
 
 
 def keep_mask(mask: torch.Tensor | None, length: int | None, *, bool_true_means_pad: bool = False,
@@ -195,3 +196,18 @@ class FourierSeqAttention(nn.Module):
     def _append_to_cache(self, cache, z: torch.Tensor) -> torch.Tensor:
         keys, _ = cache.update(z[:, None], z[:, None, :, :0], self.layer_idx)
         return keys[:, 0]
+
+
+SPECS.register("FourierBertAttention", FourierBertAttention,
+               lambda m, spec: {"mixing": spec(m.mixing), "layer_norm": spec(m.LayerNorm), "dropout": m.dropout.p,
+                                "is_decoder": m.is_decoder},
+               lambda s, child: FourierBertAttention(child(s["mixing"]), child(s["layer_norm"]), s["dropout"],
+                                                     is_decoder=s["is_decoder"]))
+SPECS.register("FourierSelfAttention", FourierSelfAttention,
+               lambda m, spec: {"mixing": spec(m.mixing), "batch_first": m.batch_first, "embed_dim": m.embed_dim},
+               lambda s, child: FourierSelfAttention(child(s["mixing"]), s["batch_first"], s["embed_dim"]))
+SPECS.register("FourierSeqAttention", FourierSeqAttention,
+               lambda m, spec: {"mixing": spec(m.mixing), "convention": m.convention.name,
+                                "layer_idx": m.layer_idx},
+               lambda s, child: FourierSeqAttention(child(s["mixing"]), SAVED_FAMILIES[s["convention"]](),
+                                                    s["layer_idx"]))

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from algos.surgery.pretrained import SPECS
+
 IMPLS = ("fft", "rfft", "dft")
 NORMS = ("backward", "ortho")
 PADDINGS = ("ignore", "mask")
@@ -220,3 +222,10 @@ def _sequence_matrices(points: int, width: int, causal: bool, norm: str, device)
         cos_t, sin_t = cos_t.tril(), sin_t.tril()
     scale = 1 / math.sqrt(points * width) if norm == "ortho" else 1.0
     return (cos_t * scale).float().to(device), (sin_t * scale).float().to(device)
+
+
+SPECS.register("FourierMixing", FourierMixing,
+               lambda m, spec: {"impl": m.impl, "causal": m.causal, "norm": m.norm, "padding": m.padding,
+                                "max_length": m.max_length, "dropout": m.dropout.p},
+               lambda s, child: FourierMixing(s["impl"], causal=s["causal"], norm=s["norm"], padding=s["padding"],
+                                              max_length=s["max_length"], dropout=s["dropout"]))

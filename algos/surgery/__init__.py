@@ -9,6 +9,7 @@ from algos.surgery.config import Selection, SurgeryConfig, setting
 from algos.surgery.errors import SurgeryError
 from algos.surgery.handlers import Handlers, hf_classes
 from algos.surgery.macs import CountsOwnMacs, count_macs
+from algos.surgery.pretrained import PretrainedError, from_pretrained, save_pretrained
 from algos.surgery.replace import InstallsIntoParent, Rewrite, SkipModule, replace_modules
 from algos.surgery.report import Replaced, SurgeryReport, count_params
 from algos.surgery.resume import load_model
@@ -20,7 +21,8 @@ __all__ = [
     "plan_surgery", "settings_signature", "Handlers", "hf_classes",
     "SurgeryReport", "Replaced", "Skip", "SkipModule", "Rewrite", "InstallsIntoParent", "CountsOwnMacs",
     "apply_surgery", "replace_modules", "select_targets", "name_matches", "converted_by", "count_macs",
-    "count_params", "load_model", "parse_time", "time_reached",
+    "count_params", "load_model", "parse_time", "time_reached", "save_pretrained", "from_pretrained",
+    "PretrainedError",
 ]
 
 _checkpoint_files.install()  # every Composer checkpoint in this process appears whole or not at all

@@ -17,6 +17,7 @@ from torch import nn
 
 from algos.surgery.algorithm import SurgeryAlgorithm
 from algos.surgery.config import SurgeryConfig, setting
+from algos.surgery.pretrained import SPECS
 from algos.surgery.report import SurgeryReport
 from algos.surgery.surgery import Surgery, settings_signature
 
@@ -34,6 +35,12 @@ class SwapLinearConfig(SurgeryConfig):
 
 class SwappedLinear(nn.Linear):
     """An ``nn.Linear`` that a surgery put there."""
+
+
+SPECS.register("SwappedLinear", SwappedLinear,
+               lambda m, spec: {"in_features": m.in_features, "out_features": m.out_features,
+                                "bias": m.bias is not None},
+               lambda s, child: SwappedLinear(s["in_features"], s["out_features"], bias=s["bias"]))
 
 
 class SwapLinearSurgery(Surgery):

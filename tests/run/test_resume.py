@@ -13,6 +13,7 @@ import pytest
 import torch
 import wandb
 
+import algos
 from algos.run import runner
 from algos.run.config import load_config
 from algos.run.registry import ConfigError
@@ -312,3 +313,26 @@ def test_a_plain_composer_trainer_saves_whole_checkpoints_too(tmp_path, monkeypa
     trainer.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ep0-ba1-rank0.pt", "latest-rank0.pt"]
     assert (tmp_path / "latest-rank0.pt").resolve().name == "ep0-ba1-rank0.pt"
+
+
+def test_export_turns_a_run_into_a_safe_directory_that_loads_without_unpickling(tmp_path, capsys):
+    from algos.cli import main
+    from algos.run.runner import build
+
+    run_dir = tmp_path / "run"
+    run(config(run_dir, "algorithms.fff.min_width=0", recipe="fff.yaml"), quiet=True)
+    main(["export", str(run_dir), str(tmp_path / "out")])
+    assert "load it with algos.from_pretrained" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["algos_surgery.json", "model.safetensors"]
+    network = build(load_config([str(run_dir / "config.yaml")]), for_training=False).model.module  # before surgery
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called"))
+        algos.from_pretrained(network, tmp_path / "out")
+    saved = final_weights(run_dir)
+    assert all(torch.equal(value, saved[f"module.{key}"]) for key, value in network.state_dict().items())
+    with pytest.raises(SystemExit, match=r"^algos export: '.*out/config.yaml' is missing; export needs "):
+        main(["export", str(tmp_path / "out"), str(tmp_path / "again")])
+    with pytest.raises(SystemExit, match=r"^algos export: save_pretrained: '.*out' is not empty; pass "
+                                         r"overwrite=True"):
+        main(["export", str(run_dir / "checkpoints" / "latest-rank0.pt"), str(tmp_path / "out")])
+    main(["export", str(run_dir / "checkpoints" / "latest-rank0.pt"), str(tmp_path / "out"), "--overwrite"])
