@@ -113,7 +113,8 @@ class SurgeryAlgorithm(Algorithm):
         return plan_surgery(self.surgery_class(model, self.config, self.selection))
 
     def match(self, event: Event, state: State) -> bool:
-        return self._due(event, state) or (event == Event.BEFORE_FORWARD and bool(self._unlogged))
+        return (event == Event.INIT or self._due(event, state)
+                or (event == Event.BEFORE_FORWARD and bool(self._unlogged)))
 
     def _due(self, event: Event, state: State) -> bool:
         if self._done:
@@ -124,6 +125,8 @@ class SurgeryAlgorithm(Algorithm):
         return event in (Event.BATCH_END, Event.EPOCH_END) and time_reached(state, when)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.INIT:
+            self._refuse_after_init_under_fsdp(state)
         if not self._due(event, state):  # the first batch after the surgery: measure its MACs on it, then log
             unmeasured = [report for report in self._unlogged if not report.measured]
             if unmeasured and state.batch is not None:
@@ -148,6 +151,17 @@ class SurgeryAlgorithm(Algorithm):
         log.info("%s", report)
         if report.measured:  # else MACs are measured on the next batch, and the report is logged then
             self._log_reports(logger)
+
+    def _refuse_after_init_under_fsdp(self, state: State) -> None:
+        """FSDP wraps the model right after INIT (flat, sharded parameters): a surgery after that cannot rewrite it.
+        Refused at INIT, before anything is wrapped or trained (in one process too, where DDP would be fine)."""
+        if getattr(state, "fsdp_config", None) is None or not (self._apply_at_time is not None
+                                                                or self.calibration_needed):
+            return
+        when = f"apply_at={self.apply_at!r}" if self._apply_at_time is not None else "calibration from the train data"
+        raise SurgeryError(self.name, f"{when} rewrites the model after FSDP wraps it (the Trainer's "
+                                      f"parallelism_config has fsdp), which is not supported; apply it at INIT "
+                                      f"(apply_at=None) without calibration, or train without FSDP.")
 
     def adopt(self, record: list[tuple[str, nn.Module]]) -> None:
         """Take a checkpoint's record as this run's surgery (resume replays it): done, never recomputed."""

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from composer import Trainer
 from composer.core import Algorithm, Event
 from composer.utils import dist
 
@@ -93,6 +94,20 @@ def test_refuses_surgery_after_ddp_wrapping_when_multi_process(monkeypatch):
         Factorize(apply_at="2ep")
     with pytest.raises(ValueError, match="calibration from the train dataloader rewrites the model after DDP"):
         Factorize(init="activation")
+
+
+@pytest.mark.parametrize("settings, when", [({"apply_at": "1ba"}, "apply_at='1ba'"),
+                                             ({"init": "activation"}, "calibration from the train data")])
+def test_refuses_surgery_after_fsdp_wrapping_at_init(composer_model_factory, train_dataloader, settings, when):
+    """FSDP wraps the model right after INIT: a later surgery is refused there, in one line, before the wrap (which
+    on this CPU-only machine would fail for want of CUDA: Composer's FSDP needs a GPU)."""
+    algorithm = Factorize(rank=8, min_features=1, **settings)
+    with pytest.raises(SurgeryError, match=rf"^Factorize: {when} rewrites the model after FSDP wraps it \(the "
+                                           r"Trainer's parallelism_config has fsdp\), which is not supported; apply "
+                                           r"it at INIT \(apply_at=None\) without calibration, or train without "
+                                           r"FSDP.$"):
+        Trainer(model=composer_model_factory(), train_dataloader=train_dataloader, max_duration="2ba", device="cpu",
+                parallelism_config={"fsdp": {}}, algorithms=[algorithm])
 
 
 def test_bad_arguments_fail_at_construction():
