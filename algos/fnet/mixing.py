@@ -99,6 +99,7 @@ class FourierMixing(nn.Module):
             return x.clone()
         length = x.shape[-2]
         period = self.max_length if self.fixed_length else length
+        exporting = torch.compiler.is_exporting()  # no value-dependent checks in an exported graph
         masked = keep is not None and self.fixed_length
         with _autocast_off(x.device):
             h = x.float()
@@ -110,11 +111,11 @@ class FourierMixing(nn.Module):
                 if history is not None:
                     z = history(z)
                 positions = _positions(keep, z.shape[-2]) if masked and self.causal else None
-                span = z.shape[-2] if positions is None else int(positions.max()) + 1
+                span = z.shape[-2] if positions is None or exporting else int(positions.max()) + 1
                 if span > period:
                     raise ValueError(f"FourierMixing: sequence length {span} exceeds max_length {period}.")
                 y = self._combine(z, start=z.shape[-2] - length, period=period, positions=positions)
-                if positions is not None:  # pads (left or inside) get no DFT row of their own: output 0
+                if masked and self.causal:  # pads (left, inside or right) get no DFT row of their own: output 0
                     y = y * keep[:, -length:, None].to(y.dtype)
             else:
                 if length > period:
@@ -158,8 +159,8 @@ def _positions(keep: torch.Tensor, total: int) -> torch.Tensor | None:
     pad: unpadded or right-padded)."""
     _check_mask_covers(keep, total)
     keep = keep[:, -total:]
-    if not (keep[:, 1:] & ~keep[:, :-1]).any():
-        return None
+    if not torch.compiler.is_exporting() and not (keep[:, 1:] & ~keep[:, :-1]).any():
+        return None  # (torch.export cannot branch on values: there, every batch takes the general path)
     return (keep.long().cumsum(-1) - 1).clamp(min=0)
 
 
