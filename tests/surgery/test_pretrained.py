@@ -45,6 +45,15 @@ def unpickling_refused():
         yield
 
 
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """Loading a local folder must not reach for the Hugging Face hub (CI has no network)."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
 def structure(model: nn.Module) -> list[tuple[str, type]]:
     """Each module's name and class; an FFF's activation is saved by the function it computes (HF's GELUActivation
     comes back as nn.GELU, the same values), so activations are left out."""
@@ -203,7 +212,7 @@ def test_saving_never_overwrites_what_it_did_not_write(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_surgered_minilm_round_trips_as_a_sentence_transformer(tmp_path):
+def test_a_surgered_minilm_round_trips_as_a_sentence_transformer(tmp_path, hub_offline):
     """The pretrained sentence encoder after FNet-hybrid + FFF leaf surgery (weights moved off the original, as
     healing would), saved with save_sentence_transformer, loads with plain SentenceTransformer(directory) and
     encodes exactly as the model in memory."""
@@ -231,7 +240,7 @@ def test_a_surgered_minilm_round_trips_as_a_sentence_transformer(tmp_path):
         save_sentence_transformer(encoder, tmp_path / "healed")
 
 
-def test_a_hugging_face_model_builds_from_the_folder_then_takes_its_surgery(tmp_path):
+def test_a_hugging_face_model_builds_from_the_folder_then_takes_its_surgery(tmp_path, hub_offline):
     from transformers import AutoModelForMaskedLM
 
     model = bert()
