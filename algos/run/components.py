@@ -68,7 +68,9 @@ def wandb_logger(*, run_dir: str, run_name: str, project: str = "composer-surger
     an API key is configured (``$WANDB_API_KEY`` or ``wandb login``), else offline (sync later with
     ``wandb sync``)."""
     mode = mode or os.environ.get("WANDB_MODE") or ("online" if _wandb_api_key() else "offline")
-    init = {"mode": mode, "dir": run_dir}
+    # absolute: wandb's service process resolves a relative dir against its own working directory, which is the
+    # one its first run in this process had
+    init = {"mode": mode, "dir": os.path.abspath(run_dir)}
     if mode == "offline":
         # wandb 0.18 otherwise asks the server for its version when a table (the surgery report) is logged
         # offline, and retries for minutes without a network.
