@@ -277,6 +277,7 @@ def test_run_names_stay_inside_runs(name, tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir()) and not (tmp_path.parent / "escaped").exists()
     inside = run(load_config(files, [*SMALL, "run.name=a.b+c"]), quiet=True)
     assert Path(inside["run_dir"]) == Path("runs/a.b+c") and (tmp_path / "runs/a.b+c/summary.json").is_file()
+    assert len(list((tmp_path / "runs/a.b+c").glob("wandb/offline-run-*"))) == 1  # wandb's files too
 
 
 def test_a_truncated_checkpoint_to_load_is_refused_before_anything_is_written(tmp_path):
