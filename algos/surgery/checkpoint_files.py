@@ -16,6 +16,8 @@ from pathlib import Path
 
 from composer.utils import checkpoint as composer_checkpoint
 
+from algos.surgery.patching import check_signature
+
 PARTIAL_PREFIX = ".partial-"  # a checkpoint being written: hidden, and never matched by Composer's name patterns
 
 
@@ -24,6 +26,7 @@ def install() -> None:
     original = composer_checkpoint._write_checkpoint_file
     if getattr(original, "atomic", False):
         return
+    check_signature(original, "composer.utils.checkpoint._write_checkpoint_file", ("state_dict", "filename"))
 
     def _write_checkpoint_file(state_dict, filename: str) -> None:
         folder, name = os.path.split(filename)

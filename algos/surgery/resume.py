@@ -29,6 +29,7 @@ from torch import nn
 
 from algos.surgery.algorithm import RECORD_KEY, SurgeryAlgorithm
 from algos.surgery.averaging import weight_averages_follow_replay
+from algos.surgery.patching import check_signature
 from algos.surgery.replace import replace_modules
 from algos.surgery.skeleton import materialize, meta_copy
 from algos.surgery.targets import SURGERY_MARKER, converted_by
@@ -246,6 +247,8 @@ def install() -> None:
     original = State._apply_required_algorithms
     if getattr(original, "replays_surgery", False):
         return
+    check_signature(original, "State._apply_required_algorithms",
+                    ("self", "state_dict", "logger", "exclude_algorithms", "algorithm_passes"))
 
     def _apply_required_algorithms(self, state_dict, logger, exclude_algorithms=None, algorithm_passes=None):
         entries = state_dict.get("algorithms")
