@@ -17,13 +17,14 @@ from algos.surgery import (
     apply_surgery,
     from_pretrained,
     load_model,
+    quantize_dynamic,
     save_pretrained,
     select_targets,
 )
 from algos.surgery.example import SwapLinear, apply_swap_linear
 
 __all__ = [
-    "NoEffectWarning", "load_model", "save_pretrained", "from_pretrained",
+    "NoEffectWarning", "load_model", "save_pretrained", "from_pretrained", "quantize_dynamic",
     "SkipModule", "SurgeryAlgorithm", "SurgeryReport", "apply_surgery", "select_targets",
     "SwapLinear", "apply_swap_linear",
     "Factorize", "apply_factorization", "FactorizedLinear", "FactorizedConv1d", "FactorizedConv2d",

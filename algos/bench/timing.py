@@ -7,6 +7,7 @@ compare medians, and report ratios rather than absolute times.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import platform
 import statistics
@@ -57,14 +58,20 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 def time_forward(models: dict[str, nn.Module], inputs, *, repeats: int = 5) -> dict[str, float]:
     """Median seconds of one inference forward of each model (eval mode, ``torch.inference_mode``), interleaved.
-    ``inputs`` is a tensor or a dict of keyword arguments."""
+    ``inputs`` is a tensor, a dict of keyword arguments, or a list of them: a pool that each model walks through, one
+    input per call. Time conditional compute (FFF) on a pool of different inputs: one input repeated keeps its tree
+    path in cache and overstates the speed-up."""
+    pool = inputs if isinstance(inputs, list) else [inputs]
     for model in models.values():
         model.eval()
 
     def forward(model: nn.Module):
+        calls = itertools.cycle(pool)
+
         def run():
+            batch = next(calls)
             with torch.inference_mode():
-                model(**inputs) if isinstance(inputs, dict) else model(inputs)
+                model(**batch) if isinstance(batch, dict) else model(batch)
         return run
 
     times = time_interleaved({name: forward(model) for name, model in models.items()}, repeats=repeats)

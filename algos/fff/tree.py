@@ -277,25 +277,22 @@ class FFF(nn.Module):
         return y, weights.argmax(1)
 
     def _leaf_hard(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if kernels.available(self, x, activation=False):
-            leaf = kernels.leaf_route(x, self.node_weight, self.node_bias, self.depth)
-        else:
-            leaf = hard_leaf(F.linear(x, self.node_weight, self.node_bias), self.depth)
+        leaf = self.hard_leaves(x)
         if x.shape[0] == 1:  # one token: its leaf's two matrix-vector products, nothing to group
             number = int(leaf)
             hidden = self.activation(torch.addmv(self.leaf_in_bias[number], self.leaf_in[number].T, x[0]))
             return torch.addmv(self.leaf_out_bias[number], self.leaf_out[number].T, hidden).unsqueeze(0), leaf
-        # tokens sorted by leaf, one GEMM pair per leaf that has tokens (an empty batch: leaf 0's on no tokens, so
-        # the output is (0, out_features) and part of the graph, its gradients zero, as nn.Linear's)
-        order = torch.argsort(leaf, stable=True)
-        counts = torch.bincount(leaf, minlength=2**self.depth).tolist()
-        pieces = []
-        for number, tokens in enumerate(x[order].split(counts)):
-            if tokens.shape[0] or (number == 0 and not x.shape[0]):
-                hidden = self.activation(torch.addmm(self.leaf_in_bias[number], tokens, self.leaf_in[number]))
-                pieces.append(torch.addmm(self.leaf_out_bias[number], hidden, self.leaf_out[number]))
-        y = torch.cat(pieces).index_select(0, torch.argsort(order))
-        return y, leaf
+
+        def run_leaf(number: int, tokens: torch.Tensor) -> torch.Tensor:
+            hidden = self.activation(torch.addmm(self.leaf_in_bias[number], tokens, self.leaf_in[number]))
+            return torch.addmm(self.leaf_out_bias[number], hidden, self.leaf_out[number])
+        return by_leaf(x, leaf, 2**self.depth, run_leaf), leaf
+
+    def hard_leaves(self, x: torch.Tensor) -> torch.Tensor:
+        """The leaf (0 .. 2^depth - 1) each row of ``x`` reaches on the hard path (leaf form)."""
+        if kernels.available(self, x, activation=False):
+            return kernels.leaf_route(x, self.node_weight, self.node_bias, self.depth)
+        return hard_leaf(F.linear(x, self.node_weight, self.node_bias), self.depth)
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -342,6 +339,19 @@ def hard_leaf(logits: torch.Tensor, depth: int) -> torch.Tensor:
         return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     path, right = descend(logits, depth)
     return 2 * path[:, -1] + 1 + right[:, -1].long() - (2**depth - 1)
+
+
+def by_leaf(x: torch.Tensor, leaf: torch.Tensor, leaves: int,
+            run_leaf: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``run_leaf(l, tokens)`` for the rows of ``x`` that reach each leaf l, as one batch per leaf (tokens sorted by
+    leaf: one GEMM pair per leaf that has tokens, never a per-token weight matrix), back in the rows' order. An
+    empty batch: leaf 0's on no tokens, so the output is (0, out_features) and part of the graph, its gradients
+    zero, as nn.Linear's."""
+    order = torch.argsort(leaf, stable=True)
+    counts = torch.bincount(leaf, minlength=leaves).tolist()
+    pieces = [run_leaf(number, tokens) for number, tokens in enumerate(x[order].split(counts))
+              if tokens.shape[0] or (number == 0 and not x.shape[0])]
+    return torch.cat(pieces).index_select(0, torch.argsort(order))
 
 
 def mixture_weights(decisions: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ from algos.surgery.errors import SurgeryError
 from algos.surgery.handlers import Handlers, hf_classes
 from algos.surgery.macs import CountsOwnMacs, count_macs
 from algos.surgery.pretrained import PretrainedError, from_pretrained, save_pretrained
+from algos.surgery.quantize import quantize_dynamic, quantized_modules, register_quantized
 from algos.surgery.replace import InstallsIntoParent, Rewrite, SkipModule, replace_modules
 from algos.surgery.report import Replaced, SurgeryReport, count_params
 from algos.surgery.resume import load_model
@@ -22,7 +23,7 @@ __all__ = [
     "SurgeryReport", "Replaced", "Skip", "SkipModule", "Rewrite", "InstallsIntoParent", "CountsOwnMacs",
     "apply_surgery", "replace_modules", "select_targets", "name_matches", "converted_by", "count_macs",
     "count_params", "load_model", "parse_time", "time_reached", "save_pretrained", "from_pretrained",
-    "PretrainedError",
+    "PretrainedError", "quantize_dynamic", "quantized_modules", "register_quantized",
 ]
 
 _checkpoint_files.install()  # every Composer checkpoint in this process appears whole or not at all

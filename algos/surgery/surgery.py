@@ -21,6 +21,7 @@ from torch import nn
 
 from algos.surgery.config import Selection, SurgeryConfig, fields_help
 from algos.surgery.errors import NothingToRewrite, SurgeryError
+from algos.surgery.quantize import quantized_modules
 from algos.surgery.replace import Rewrite, SkipModule, replace_modules
 from algos.surgery.report import SurgeryReport
 from algos.surgery.targets import (
@@ -139,6 +140,12 @@ def run_surgery(surgery: Surgery, *, calibration=None, optimizers=None, example_
 
 def _select(surgery: Surgery):
     selection = surgery.selection
+    quantized = quantized_modules(surgery.model)
+    if quantized:
+        name, module = quantized[0]
+        raise SurgeryError(surgery.name, f"the model holds {len(quantized)} quantized module(s) (e.g. "
+                           f"{name or 'the model'}: {module._get_name()}); surgery rewrites float modules: apply "
+                           "it to the float model, then quantize (algos.quantize_dynamic).")
     try:
         surgery.check_model()
     except NothingToRewrite as why:

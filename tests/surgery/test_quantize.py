@@ -1,0 +1,110 @@
+"""Dynamic int8 composes with every surgery (issue 24): ``algos.quantize_dynamic`` quantizes every nn.Linear and the
+FFF leaf trees (int8 leaf GEMMs, float routing), in place and as a copy, per tensor and per channel, healed or not;
+the result stays close to the float surgered model; a quantized model given to a surgery is a one-line error."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+import algos
+from algos import FFF
+from algos.fff import QuantizedFFF
+from algos.surgery import SurgeryError
+from tests.surgery.test_copies import SURGERIES, batch, bert
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min())
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("surgery", SURGERIES)
+def test_quantize_dynamic_after_every_surgery_in_place_and_as_a_copy(surgery, per_channel):
+    model = bert()
+    SURGERIES[surgery](model)
+    inputs = batch()
+    expected = model(**inputs).logits
+    leaf_trees_before = sum(isinstance(m, FFF) and m.form == "leaf" for m in model.modules())
+    copied = algos.quantize_dynamic(model, per_channel=per_channel, inplace=False)
+    assert not any(isinstance(m, DynamicLinear) for m in model.modules())  # the copy left the model float
+    in_place = algos.quantize_dynamic(model, per_channel=per_channel)
+    assert in_place is model
+    for quantized in (copied, in_place):
+        assert not any(type(m) is nn.Linear for m in quantized.modules())  # every Linear is int8
+        leaf_trees = [m for m in quantized.modules() if isinstance(m, FFF) and m.form == "leaf"]
+        assert leaf_trees == []  # every leaf tree became a QuantizedFFF; neuron trees stay float
+        scheme = torch.per_channel_affine if per_channel else torch.per_tensor_affine
+        assert all(m.weight().qscheme() == scheme for m in quantized.modules() if isinstance(m, DynamicLinear))
+        assert cosine(quantized(**inputs).logits, expected) > 0.99
+    assert sum(isinstance(m, QuantizedFFF) for m in copied.modules()) == leaf_trees_before
+    assert leaf_trees_before > 0 if surgery == "fff_leaf" else True
+
+
+def test_a_healed_leaf_tree_model_quantizes_and_keeps_what_healing_bought():
+    torch.manual_seed(0)
+    teacher = bert()
+    student = copy.deepcopy(teacher)
+    SURGERIES["fff_leaf"](student)
+    batches = [batch(seed) for seed in range(4)]
+    before = cosine(student(**batch(9)).logits, teacher(**batch(9)).logits)
+    algos.distill(student, teacher, batches, steps=30, lr=3e-3)
+    student.eval()
+    healed = student(**batch(9)).logits
+    assert cosine(healed, teacher(**batch(9)).logits) > before
+    quantized = algos.quantize_dynamic(student, inplace=False)
+    assert cosine(quantized(**batch(9)).logits, healed) > 0.99
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_quantized_tree_routes_like_the_float_tree_and_matches_its_int8_reference(per_channel):
+    """Each token goes to the leaf the float tree sends it to, and its output is its leaf's two int8 GEMMs: equal to
+    torch's dynamic int8 Linear pair built from that leaf's weights (the reference), close to the float tree."""
+    torch.manual_seed(0)
+    tree = FFF(24, 16, 2, form="leaf", leaf_width=8).eval()
+    x = torch.randn(3, 40, 24)
+    quantized = algos.quantize_dynamic(nn.Sequential(tree), per_channel=per_channel, inplace=False)[0]
+    assert isinstance(quantized, QuantizedFFF)
+    rows = x.reshape(-1, 24)
+    leaf = tree.hard_leaves(rows)
+    assert torch.equal(quantized.hard_leaves(rows), leaf)
+    assert leaf.unique().numel() > 1
+    y = quantized(x)
+    assert y.shape == (3, 40, 16)
+    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig if per_channel else \
+        torch.ao.quantization.default_dynamic_qconfig
+    for number in leaf.unique().tolist():
+        pair = []
+        for weight, bias in ((tree.leaf_in[number].T, tree.leaf_in_bias[number]),
+                             (tree.leaf_out[number].T, tree.leaf_out_bias[number])):
+            linear = nn.Linear(weight.shape[1], weight.shape[0])
+            linear.weight.data, linear.bias.data = weight.detach().clone(), bias.detach().clone()
+            linear.qconfig = qconfig
+            pair.append(DynamicLinear.from_float(linear))
+        tokens = rows[leaf == number]
+        expected = pair[1](tree.activation(pair[0](tokens)))
+        torch.testing.assert_close(y.reshape(-1, 16)[leaf == number], expected)
+    assert cosine(y.reshape(1, -1), tree(x).reshape(1, -1)) > 0.999
+    assert quantized(x[:, :0]).shape == (3, 0, 16) and quantized(x[0, :1]).shape == (1, 16)
+
+
+def test_a_neuron_tree_stays_float():
+    tree = FFF(16, 16, 2, form="neuron")
+    model = algos.quantize_dynamic(nn.Sequential(nn.Linear(16, 16), tree))
+    assert model[1] is tree and isinstance(model[0], DynamicLinear)
+
+
+@pytest.mark.parametrize("surgery", ["factorize", "fff_leaf", "fnet"])
+def test_surgery_on_a_quantized_model_is_a_one_line_error_and_changes_nothing(surgery):
+    model = algos.quantize_dynamic(bert())
+    before = copy.deepcopy(model.state_dict())
+    modules = dict(model.named_modules())
+    with pytest.raises(SurgeryError, match=r"quantized module\(s\) \(e\.g\. bert\.encoder\.layer\.0\.attention\.self\."
+                                           r"query: DynamicQuantizedLinear\); .*apply it to the float model") as error:
+        SURGERIES[surgery](model)
+    assert "\n" not in str(error.value)
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(m is modules[name] for name, m in model.named_modules())
+    assert model.state_dict().keys() == before.keys()
