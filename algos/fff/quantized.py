@@ -25,22 +25,23 @@ from algos.surgery.quantize import register_quantized
 class QuantizedFFF(nn.Module):
     """A leaf-form FFF for inference with int8 leaf GEMMs; built by ``from_float`` (``algos.quantize_dynamic``)."""
 
-    def __init__(self, tree: FFF, qconfig):
+    def __init__(self, tree: FFF, qconfig, linear_class: type[DynamicLinear] = DynamicLinear):
         super().__init__()
         self.in_features, self.out_features, self.depth = tree.in_features, tree.out_features, tree.depth
         self.register_buffer("node_weight", tree.node_weight.detach().clone())
         self.register_buffer("node_bias", tree.node_bias.detach().clone())
         self.activation = tree.activation
         self.leaves = nn.ModuleList(
-            nn.Sequential(_int8(tree.leaf_in[leaf].T, tree.leaf_in_bias[leaf], qconfig), tree.activation,
-                          _int8(tree.leaf_out[leaf].T, tree.leaf_out_bias[leaf], qconfig))
+            nn.Sequential(_int8(tree.leaf_in[leaf].T, tree.leaf_in_bias[leaf], qconfig, linear_class), tree.activation,
+                          _int8(tree.leaf_out[leaf].T, tree.leaf_out_bias[leaf], qconfig, linear_class))
             for leaf in range(2**tree.depth))
 
     @classmethod
     def from_float(cls, module: FFF, use_precomputed_fake_quant: bool = False) -> nn.Module:
         """The int8 tree of a leaf-form ``module`` (with the ``qconfig`` torch's ``quantize_dynamic`` set on it);
         a neuron-form tree as it is (see the module docstring)."""
-        return module if module.form != "leaf" else cls(module, module.qconfig)
+        linear_class = module.__dict__.pop("int8_linear", DynamicLinear)
+        return module if module.form != "leaf" else cls(module, module.qconfig, linear_class)
 
     hard_leaves = FFF.hard_leaves  # the float tree's routing: it reads node_weight, node_bias and depth only
 
@@ -55,14 +56,15 @@ class QuantizedFFF(nn.Module):
         return f"{self.in_features}, {self.out_features}, depth={self.depth}, form='leaf', int8 leaves"
 
 
-def _int8(weight: torch.Tensor, bias: torch.Tensor, qconfig) -> DynamicLinear:
-    """torch's dynamic int8 Linear for y = weight x + bias (weight (out, in)), quantized as ``qconfig`` says."""
+def _int8(weight: torch.Tensor, bias: torch.Tensor, qconfig, linear_class: type[DynamicLinear]) -> DynamicLinear:
+    """A dynamic int8 Linear (``linear_class``) for y = weight x + bias (weight (out, in)), quantized as ``qconfig``
+    says."""
     linear = nn.Linear(weight.shape[1], weight.shape[0])
     with torch.no_grad():
         linear.weight.copy_(weight)
         linear.bias.copy_(bias)
     linear.qconfig = qconfig
-    return DynamicLinear.from_float(linear)
+    return linear_class.from_float(linear)
 
 
 register_quantized(FFF, QuantizedFFF)

@@ -13,6 +13,7 @@ import algos
 from algos import FFF
 from algos.fff import QuantizedFFF
 from algos.surgery import SurgeryError
+from algos.surgery.quantize import Int8Linear, has_vnni
 from tests.surgery.test_copies import SURGERIES, batch, bert
 
 
@@ -108,3 +109,57 @@ def test_surgery_on_a_quantized_model_is_a_one_line_error_and_changes_nothing(su
     assert dict(model.named_modules()).keys() == modules.keys()
     assert all(m is modules[name] for name, m in model.named_modules())
     assert model.state_dict().keys() == before.keys()
+
+
+needs_vnni = pytest.mark.skipif(not has_vnni(), reason="8-bit inputs need a CPU with VNNI")
+
+
+@needs_vnni
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_8_bit_inputs_match_the_int8_reference_even_where_int16_pair_sums_would_overflow(per_channel):
+    """y = s_x s_w (q_x - z_x) q_w^T + b with q_x the input's full 8-bit rounding (torch's qparams with
+    reduce_range=False), on inputs and weights at the extremes of their ranges, where fbgemm's non-VNNI int16 pair
+    sums (2 x 255 x 127) would overflow; and closer to the float Linear than torch's 7-bit inputs."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    with torch.no_grad():
+        linear.weight.copy_(torch.sign(torch.randn(32, 64)) * 0.5)  # every weight at +-127 after rounding
+    x = torch.rand(200, 64) * 4 - 0.01  # almost all positive: q_x near 255
+    x[:, :32] = 3.99
+    model = algos.quantize_dynamic(nn.Sequential(linear), per_channel=per_channel, activation_bits=8, inplace=False)
+    assert isinstance(model[0], Int8Linear)
+    scale, zero_point = torch._choose_qparams_per_tensor(x, False)
+    q_x = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
+    q_w = model[0].weight()
+    w = q_w.dequantize()
+    expected = ((q_x - zero_point) * scale) @ w.T + linear.bias.detach()
+    torch.testing.assert_close(model[0](x), expected, rtol=1e-5, atol=1e-4)
+    plain, x = nn.Sequential(nn.Linear(64, 32)), torch.randn(200, 64)
+    eight, seven = (algos.quantize_dynamic(plain, per_channel=per_channel, activation_bits=bits, inplace=False)
+                    for bits in (8, 7))
+    reference = plain(x).detach()
+    assert (eight(x) - reference).abs().mean() < 0.75 * (seven(x) - reference).abs().mean()
+
+
+def test_8_bit_inputs_are_refused_in_one_line_on_a_cpu_without_vnni(monkeypatch):
+    import algos.surgery.quantize as quantize
+
+    monkeypatch.setattr(quantize, "has_vnni", lambda: False)
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"activation_bits=8 needs a CPU with VNNI .*use activation_bits=7\.$"):
+        algos.quantize_dynamic(model, activation_bits=8)
+    with pytest.raises(ValueError, match=r"activation_bits=6 is not one of \(7, 8\)"):
+        algos.quantize_dynamic(model, activation_bits=6)
+    assert type(model[0]) is nn.Linear
+
+
+@needs_vnni
+def test_8_bit_inputs_after_every_surgery():
+    for surgery in SURGERIES:
+        model = bert()
+        SURGERIES[surgery](model)
+        expected = model(**batch()).logits
+        quantized = algos.quantize_dynamic(model, per_channel=True, activation_bits=8, inplace=False)
+        linears = [m for m in quantized.modules() if isinstance(m, DynamicLinear)]
+        assert linears and all(type(m) is Int8Linear for m in linears)
+        assert cosine(quantized(**batch()).logits, expected) > 0.995
