@@ -13,9 +13,10 @@ dynamic int8 quantization, against what a user tries first (``torch.ao.quantizat
     documentation). Each healed model is saved with ``algos.save_pretrained`` under ``--work`` with its healing wall
     time (surgery, fitting and distillation; this CPU), so the slow part runs once per point.
 (b) measure: loads every saved point (``algos.from_pretrained`` on a fresh copy of the original), adds the int8
-    variants (``algos.quantize_dynamic``: torch's dynamic int8 for every ``nn.Linear`` and the FFF leaves, per-tensor
-    or per-channel weights) and the baselines (the original; torch's one-line ``quantize_dynamic(model,
-    {nn.Linear})``, per-tensor as its default and per-channel), and scores each on two held-out sets never used for
+    variants (``algos.quantize_dynamic``: dynamic int8 for every ``nn.Linear`` and the FFF leaves; "+ int8": torch's
+    default settings, per-tensor weights and 7-bit inputs; "+ int8 best": per-channel weights and, on a CPU with
+    VNNI, 8-bit inputs) and the baselines (the original; torch's one-line ``quantize_dynamic(model, {nn.Linear})``,
+    per-tensor as its default and per-channel; the best int8 alone), and scores each on two held-out sets never used for
     calibration or training: the held-out split of the Python documentation sentences and sentences of another
     domain (the licence texts of the installed Python packages: legal English). Fidelity: the mean cosine of each
     sentence's embedding (mean-pooled, normalised) to the original model's, and the Spearman correlation of all
@@ -53,15 +54,16 @@ from algos import (  # noqa: E402
 )
 from algos.bench import markdown_table, run_parts, time_forward  # noqa: E402
 from algos.run.data import split_sentences  # noqa: E402
+from algos.surgery.quantize import has_vnni  # noqa: E402
 
 # the kept attention layers of FNet-Hybrid, and their projections (Factorize's targets in the combination)
 KEPT = [-2, -1]
 KEPT_ATTENTION = r"encoder\.layer\.[45]\.attention\..*"
 
 
-def _factorize(rank, **selection):
+def _factorize(rank, **settings):
     return lambda m, c, a: apply_factorization(m, rank=rank, init="activation", calibration=c, fit_steps=a.fit_steps,
-                                               fit_lr=a.fit_lr, **selection)
+                                               fit_lr=a.fit_lr, **settings)
 
 
 def _fff(depth, leaf_width):
@@ -85,15 +87,24 @@ def _chain(*surgeries):
 POINTS = {
     "Factorize 50%": _factorize(0.5),
     "Factorize 25%": _factorize(0.25),
+    # the MACs of rank 25% (37.5% of the encoder's Linear MACs: 384 x 384 layers at half, 384 x 1536 at 5/16),
+    # spent by each layer's whitened spectrum (mac_budget: the per-layer allocation)
+    "Factorize budget 37.5%": _factorize(None, mac_budget=0.375),
     "FFF leaf 2x768": _fff(1, 768),
     "FFF leaf 4x384": _fff(2, 384),
     "FNet-Hybrid": _fnet(keep_attention_layers=KEPT),
     "all-FNet": _fnet(),
     "FNet-Hybrid + FFF leaf 2x768": _chain(_fnet(keep_attention_layers=KEPT), _fff(1, 768)),
-    "FNet-Hybrid + FFF leaf 2x768 + Factorize attention 50%": _chain(
-        _fnet(keep_attention_layers=KEPT), _fff(1, 768), _factorize(0.5, target_modules=KEPT_ATTENTION)),
+    "FNet-Hybrid + FFF leaf 2x768 + Factorize attention 25%": _chain(
+        _fnet(keep_attention_layers=KEPT), _fff(1, 768), _factorize(0.25, target_modules=KEPT_ATTENTION)),
 }
-VARIANTS = {"": None, " + int8": False, " + int8 per-channel": True}  # suffix -> quantize_dynamic(per_channel=)
+# suffix -> algos.quantize_dynamic's settings: torch's default int8 (per-tensor weights, 7-bit inputs), and the best
+# measured (per-channel weights, 8-bit inputs where the CPU has VNNI)
+BEST_INT8 = dict(per_channel=True, activation_bits=8 if has_vnni() else 7)
+VARIANTS = {"": None, " + int8": dict(per_channel=False, activation_bits=7), " + int8 best": BEST_INT8}
+
+
+BASELINES = ("original", "int8 (torch one-liner)", "int8 per-channel (torch)", "int8 best (algos.quantize_dynamic)")
 
 
 def slug(name: str) -> str:
@@ -177,15 +188,16 @@ def measure(args) -> str:
                   copy.deepcopy(original), {nn.Linear}, dtype=torch.qint8),
               "int8 per-channel (torch)": torch.ao.quantization.quantize_dynamic(
                   copy.deepcopy(original), {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig},
-                  dtype=torch.qint8)}
+                  dtype=torch.qint8),
+              "int8 best (algos.quantize_dynamic)": quantize_dynamic(original, inplace=False, **BEST_INT8)}
     healed = {}
     for folder in sorted(Path(args.work).glob("*/frontier.json")):
         record = json.loads(folder.read_text())
         net = from_pretrained(copy.deepcopy(original), folder.parent)
         healed[record["name"]] = record
-        for suffix, per_channel in VARIANTS.items():
-            models[record["name"] + suffix] = (net if per_channel is None else
-                                               quantize_dynamic(net, per_channel=per_channel, inplace=False))
+        for suffix, settings in VARIANTS.items():
+            models[record["name"] + suffix] = net if settings is None else quantize_dynamic(net, inplace=False,
+                                                                                           **settings)
     if not healed:
         raise SystemExit(f"no healed point under {args.work}: run --parts heal first")
     fidelity = {name: {key: score(model, batches, references[key]) for key, batches in sets.items()}
@@ -199,6 +211,45 @@ def measure(args) -> str:
     if args.plot:
         plot(record, args.plot)
     return report(record, args)
+
+
+def int8_anatomy(args) -> str:
+    original, _, held_out_loader = load(args)
+    held_out = held_out_batches(held_out_loader, args.sentences)
+    reference = embed(original, held_out)
+    linears = [name for name, module in original.named_modules() if type(module) is nn.Linear]
+    per_channel = torch.ao.quantization.per_channel_dynamic_qconfig
+    rows = []
+
+    def row(label: str, model: nn.Module) -> None:
+        cosine, spearman = score(model, held_out, reference)
+        rows.append([label, f"{cosine:.4f}", f"{spearman:.4f}"])
+
+    row("torch int8, per-tensor weights, 7-bit inputs (the one-liner)", torch.ao.quantization.quantize_dynamic(
+        copy.deepcopy(original), {nn.Linear}, dtype=torch.qint8))
+    row("torch int8, per-channel weights, 7-bit inputs", torch.ao.quantization.quantize_dynamic(
+        copy.deepcopy(original), {nn.Linear: per_channel}, dtype=torch.qint8))
+    for channel in (False, True):
+        rounded = copy.deepcopy(original)
+        with torch.no_grad():
+            for name in linears:
+                weight = rounded.get_submodule(name).weight
+                # symmetric int8 as torch's weight observers: scale = max|w| / 127.5 per tensor or per output row
+                scale = (weight.abs().amax(1, keepdim=True) if channel else weight.abs().amax()) / 127.5
+                weight.copy_(torch.clamp(torch.round(weight / scale), -128, 127) * scale)
+        row(f"int8 weight rounding only, {'per-channel' if channel else 'per-tensor'}, float inputs", rounded)
+    if has_vnni():
+        for channel in (False, True):
+            row(f"algos int8, {'per-channel' if channel else 'per-tensor'} weights, 8-bit inputs",
+                quantize_dynamic(original, per_channel=channel, activation_bits=8, inplace=False))
+    kinds = sorted({name.split(".", 3)[3] for name in linears if name.startswith("encoder.layer.")})
+    for kind in kinds:
+        spec = {name: per_channel for name in linears if name.split(".", 3)[-1] != kind}
+        row(f"torch int8 per-channel, {kind} left float", torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(original), spec, dtype=torch.qint8))
+    sentences = sum(batch["input_ids"].shape[0] for batch in held_out)
+    return (f"### Where int8's error comes from: all-MiniLM-L6-v2, {sentences} held-out documentation sentences\n\n"
+            + markdown_table(["variant", "cosine", "Spearman"], rows) + "\n")
 
 
 def heal_time(name: str, healed: dict) -> str:
@@ -247,13 +298,13 @@ def plot(record: dict, path: str) -> None:
 
     speed, fidelity = record["speed"], record["fidelity"]
     figure, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
-    markers = {"": "o", " + int8": "s", " + int8 per-channel": "^"}
+    markers = {"": "o", " + int8": "s", " + int8 best": "^"}
     colors = {}
     for axis, key, title in zip(axes, ("docs", "licences"), ("held-out documentation sentences",
                                                              "licence sentences (another domain)"), strict=True):
         for name in speed:
             x, y = speed[name], fidelity[name][key][0]
-            if name in ("original", "int8 (torch one-liner)", "int8 per-channel (torch)"):
+            if name in BASELINES:
                 axis.scatter(x, y, marker="*", s=180, color="black", zorder=3)
                 axis.annotate(name, (x, y), textcoords="offset points", xytext=(6, -10), fontsize=8)
                 continue
@@ -265,7 +316,7 @@ def plot(record: dict, path: str) -> None:
         axis.set_xlabel("speed-up over the original (encoder forward, 2 CPU cores)")
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("mean cosine to the original's embeddings")
-    axes[0].legend(fontsize=7, loc="lower left", title="o float  s +int8  ^ +int8 per-channel", title_fontsize=7)
+    axes[0].legend(fontsize=7, loc="lower left", title="o float  s +int8  ^ +int8 best", title_fontsize=7)
     figure.suptitle("all-MiniLM-L6-v2: healed surgeries vs dynamic int8 (stars: original and torch's int8)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -287,7 +338,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--plot", default=None, help="measure: write the frontier plot here (PNG)")
     parser.add_argument("--save", default=None, help="measure: write speed-ups and fidelities here (JSON)")
-    run_parts(parser, {"heal": heal, "measure": measure})
+    run_parts(parser, {"heal": heal, "measure": measure, "int8": int8_anatomy})
 
 
 if __name__ == "__main__":

