@@ -6,6 +6,7 @@ self-distillation, scored on held-out sentences against the original model. Prin
     .venv/bin/python benchmarks/heal.py --parts replot --results a.json,b.json --plot docs/heal.png
     .venv/bin/python benchmarks/heal.py --steps 2 --sentences 32 --fit-steps 5 --repeats 1   # smoke run, ~2 min
     .venv/bin/python benchmarks/heal.py --parts speed                    # FFF settings: encoder speed-ups only
+    .venv/bin/python benchmarks/heal.py --parts defaults                 # distill's defaults vs the recipe
 
 The model is the runner's ``sentence_encoder`` (offline weights of the ``heal`` extra), the text the runner's
 ``sentences`` data (Python's reference documentation split into sentences): its held-out split is only ever embedded
@@ -29,6 +30,8 @@ and the unlabeled distillation batches (batch 16). Surgery and healing run on th
 (b) speed: the encoder forward at batch 32 x 128, original vs every surgery and a few FFF settings (to choose one).
 (c) replot: with ``--results a.json,b.json``, the plot from the ``--save`` files of runs over subsets of the
     surgeries (``--surgeries``); without it, nothing.
+(d) defaults: ``distill`` with its defaults against the defaults before issue 24 and the recipe above, on issue
+    24's cases (Factorize 25% with fit_steps 200 + 200 steps; FNet-Hybrid + 400 steps).
 """
 
 from __future__ import annotations
@@ -264,6 +267,43 @@ def heal(args) -> str:
     return "\n".join(out)
 
 
+# issue 24's cases for the defaults: surgery -> (fit_steps, distillation steps)
+DEFAULTS_CASES = {"Factorize 25%": (200, 200), "FNet-Hybrid": (0, 400)}
+
+
+def defaults(args) -> str:
+    """What a user who does not read the card gets: ``distill(student, teacher, batches, steps=N)`` with nothing
+    else, against the defaults before issue 24 (lr 1e-4 constant, every layer's hidden-state MSE only) and the
+    card's recipe (``recipe``), on issue 24's cases (``DEFAULTS_CASES``)."""
+    original, train, held_out_loader = load(args)
+    held_out = held_out_batches(held_out_loader, args.sentences)
+    reference = embed(original, held_out)
+    train_batches = list(train)
+    calibration = train_batches[:args.calibration_batches]
+    rows = []
+    for name, (fit_steps, steps) in DEFAULTS_CASES.items():
+        surgery, _ = surgeries(args)[name]
+        settings = recipe(name, argparse.Namespace(lr=args.lr, steps=str(steps)))
+        for label, options in (
+                ("before issue 24: lr 1e-4 constant, hidden-state MSE only",
+                 dict(lr=1e-4, schedule="constant", warmup_steps=0, hidden_weight=1.0, embedding_weight=0.0)),
+                ("the defaults: distill(student, teacher, batches, steps=N)", {}),
+                (f"the card's recipe ({', '.join(f'{k}={v}' for k, v in settings.items())})", settings)):
+            torch.manual_seed(0)
+            net = copy.deepcopy(original)
+            start = time.perf_counter()
+            surgery(net, calibration, fit_steps)
+            distill(net, original, train_batches, steps=steps, **options)
+            seconds = time.perf_counter() - start
+            cosine, spearman = score(net, held_out, reference)
+            rows.append([f"{name}, fit_steps {fit_steps}, {steps} steps", label, f"{cosine:.4f}", f"{spearman:.4f}",
+                         f"{seconds:.0f} s"])
+            print(time.strftime("%H:%M:%S"), *rows[-1], sep=" | ", file=sys.stderr, flush=True)  # progress
+    sentences = sum(batch["input_ids"].shape[0] for batch in held_out)
+    return (f"### distill's defaults: all-MiniLM-L6-v2, {sentences} held-out sentences\n\n"
+            + markdown_table(["surgery", "distillation settings", "cosine", "Spearman", "time"], rows) + "\n")
+
+
 def plot(curves: dict, speed: dict, counts: list[int], path: str) -> None:
     import matplotlib
 
@@ -345,7 +385,7 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="write the cosine-vs-steps plot here (PNG)")
     parser.add_argument("--save", default=None, help="heal: write the curves and speed-ups here (JSON)")
     parser.add_argument("--results", default=None, help="replot: the --save files to draw together")
-    run_parts(parser, {"heal": heal, "speed": speed, "replot": replot})
+    run_parts(parser, {"heal": heal, "speed": speed, "replot": replot, "defaults": defaults})
 
 
 if __name__ == "__main__":

@@ -19,14 +19,18 @@ class DistillConfig(SurgeryConfig):
     layers: ModuleNames = setting(None, "the boundary modules whose outputs are matched: a list of names or "
                                         "'.suffix'es, or a regex (fullmatch); None: the children of the first "
                                         "nn.ModuleList (every transformer layer)")
-    embedding_weight: float = setting(0.0, "weight of 1 - cosine between the student's and the teacher's sentence "
-                                           "embeddings (the attention-mask weighted mean of the final hidden state, "
-                                           "sentence-transformers' mean pooling)")
+    embedding_weight: float | None = setting(None, "weight of 1 - cosine between the student's and the teacher's "
+                                                  "sentence embeddings (the attention-mask weighted mean of the final "
+                                                  "hidden state, sentence-transformers' mean pooling); None: 1.0 when "
+                                                  "the model is an encoder (its output has a last_hidden_state and no "
+                                                  "logits, e.g. a sentence encoder), else 0")
     task_weight: float = setting(0.0, "weight of the model's own loss (0: pure distillation, no labels needed)")
 
     def check(self) -> None:
         for name in ("hidden_weight", "logit_weight", "embedding_weight", "task_weight"):
             value = getattr(self, name)
+            if name == "embedding_weight" and value is None:  # chosen from the model's output (the help above)
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise self.error(f"{name}={value!r} must be a number >= 0.")
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \

@@ -100,6 +100,14 @@ def logits_of(output) -> torch.Tensor | None:
     return logits if isinstance(logits, torch.Tensor) else None
 
 
+def is_encoder_output(output) -> bool:
+    """Whether ``output`` is an encoder's: a final hidden state (``last_hidden_state``) and no logits (an HF base
+    model such as a sentence encoder's ``BertModel``)."""
+    hidden = output.get("last_hidden_state") if isinstance(output, dict) else getattr(output, "last_hidden_state",
+                                                                                        None)
+    return isinstance(hidden, torch.Tensor) and logits_of(output) is None
+
+
 def sentence_embeddings(output, batch) -> torch.Tensor | None:
     """(batch, dim): the attention-mask weighted mean over positions of the output's final hidden state (its
     ``last_hidden_state``, or the output itself when it is a tensor); a 2-D output is taken as the embeddings."""
@@ -166,15 +174,22 @@ def distillation_loss(student_output, teacher_output, student_hidden: dict, teac
         t = F.log_softmax(teacher_logits.float().reshape(-1, teacher_logits.shape[-1]) / T, dim=-1)
         kl = F.kl_div(s, t, log_target=True, reduction="batchmean")  # sum_c p_t (log p_t - log p_s), mean over rows
         terms.append(config.logit_weight * T * T * kl)
-    if config.embedding_weight > 0:
+    embedding_weight = config.embedding_weight
+    if embedding_weight is None:  # the default: the embedding term for an encoder, the logits' KL otherwise
+        embedding_weight = 1.0 if is_encoder_output(teacher_output) else 0.0
+    if embedding_weight > 0:
         student_embeddings = sentence_embeddings(student_output, batch)
         teacher_embeddings = sentence_embeddings(teacher_output, batch)
         if student_embeddings is None or teacher_embeddings is None:
-            raise config.error(f"embedding_weight={config.embedding_weight!r} needs a final hidden state (an output "
+            raise config.error(f"embedding_weight={embedding_weight!r} needs a final hidden state (an output "
                                f"with last_hidden_state, or a tensor), and the model returned "
                                f"{type(student_output).__name__}; use embedding_weight=0.")
         cosine = F.cosine_similarity(student_embeddings, teacher_embeddings, dim=-1)
-        terms.append(config.embedding_weight * (1 - cosine).mean())
+        terms.append(embedding_weight * (1 - cosine).mean())
+    if not terms and config.hidden_weight == 0 and config.logit_weight == 0:
+        raise config.error("hidden_weight and logit_weight are 0 and embedding_weight=None leaves the embedding term "
+                           "off (the model's output is not an encoder's: is_encoder_output): nothing to distill; set "
+                           "embedding_weight or another weight > 0.")
     if not terms:
         raise config.error("the model gives no hidden states at matched boundaries and no logits: nothing to "
                            "distill; name the boundary modules with layers= (e.g. a regex such as "
@@ -225,17 +240,19 @@ def learning_rate_factor(step: int, *, schedule: str, warmup: int, steps: int) -
     return 1.0
 
 
-def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, *, steps: int, lr: float = 1e-4,
+def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, *, steps: int, lr: float = 7e-4,
             hidden_weight: float = 1.0, logit_weight: float = 1.0, temperature: float = 2.0, layers=None,
-            embedding_weight: float = 0.0, task_weight: float = 0.0, weight_decay: float = 0.0,
-            schedule: str = "constant", warmup_steps: int = 0,
+            embedding_weight: float | None = None, task_weight: float = 0.0, weight_decay: float = 0.0,
+            schedule: str = "cosine", warmup_steps: int | None = None,
             callback: Callable[[int, float], None] | None = None) -> list[float]:
     """Train ``student`` in place for ``steps`` AdamW steps to match ``teacher`` (run without gradients in eval mode,
     never changed: its weights, ``requires_grad`` flags, modes and device are as they were when this returns)
     on ``batches`` (model inputs: dicts of tensors for HF models, tuples or tensors otherwise; cycled when shorter
     than ``steps``), and return the loss of every step. The loss is in this module's docstring; ``task_weight`` 0
-    is pure distillation, so the batches need no labels. The learning rate: a linear warm-up over ``warmup_steps``,
-    then ``schedule`` "constant", or "linear" / "cosine" decay to 0 at ``steps`` (``SCHEDULES``).
+    is pure distillation, so the batches need no labels; ``embedding_weight`` None turns the sentence-embedding
+    term on for an encoder (``is_encoder_output``). The learning rate: a linear warm-up over ``warmup_steps`` (None:
+    5% of ``steps``, rounded down), then ``schedule`` "constant", or "linear" / "cosine" decay to 0 at ``steps``
+    (``SCHEDULES``). The defaults are the settings measured best on all-MiniLM-L6-v2 (the heal method card).
     ``callback(step, loss)`` runs after each step (step counts from 1), e.g. to score the student on the way.
     Bad input (boundaries the teacher lacks, a model with neither hidden states nor logits, a model without its
     own loss when task_weight > 0) is a one-line ``SurgeryError`` raised before the first step, with nothing
@@ -248,6 +265,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, *, steps:
         raise config.error(f"lr={lr!r} must be a number > 0.")
     if schedule not in SCHEDULES:
         raise config.error(f"schedule={schedule!r} is not one of {', '.join(map(repr, SCHEDULES))}.")
+    if warmup_steps is None:
+        warmup_steps = steps // 20
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or not 0 <= warmup_steps < steps:
         raise config.error(f"warmup_steps={warmup_steps!r} must be an int in [0, steps={steps}).")
     if teacher is student:

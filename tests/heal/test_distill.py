@@ -199,7 +199,8 @@ def test_bad_input_is_a_one_line_error_with_nothing_changed(case):
 
 @pytest.mark.parametrize(("kwargs", "message"), [({"temperature": 0}, "temperature=0 must be a number > 0"),
                                                  ({"hidden_weight": -1}, "hidden_weight=-1 must be"),
-                                                 ({"hidden_weight": 0, "logit_weight": 0}, "nothing to distill"),
+                                                 ({"hidden_weight": 0, "logit_weight": 0, "embedding_weight": 0},
+                                                  "nothing to distill"),
                                                  ({"hidden_weight": 0, "layers": ["bert.encoder.layer.0"]},
                                                   r"layers=\['bert.encoder.layer.0'\] has no effect with "
                                                   r"hidden_weight=0"),
@@ -211,3 +212,30 @@ def test_bad_settings_are_one_line_errors(kwargs, message):
     model = bert()
     with pytest.raises(SurgeryError, match=message):
         distill(model, copy.deepcopy(model), unlabeled(1), **{"steps": 1, **kwargs})
+
+
+def test_the_defaults_are_the_measured_recipe_with_the_embedding_term_for_an_encoder():
+    """distill(student, teacher, batches, steps=N) alone is lr 7e-4, cosine decay after a 5% warm-up, and for an
+    encoder (an output with last_hidden_state, no logits) the sentence-embedding term on: the same losses, step for
+    step, as those settings spelled out; a model with logits (MLM) keeps the term off."""
+    torch.manual_seed(0)
+    encoder = BertModel(tiny_bert_config())
+    student = fnet_student(encoder)
+    spelled = distill(copy.deepcopy(student), encoder, unlabeled(2), steps=40, lr=7e-4, schedule="cosine",
+                      warmup_steps=2, embedding_weight=1.0)
+    assert distill(copy.deepcopy(student), encoder, unlabeled(2), steps=40) == pytest.approx(spelled, rel=1e-6)
+    without = distill(copy.deepcopy(student), encoder, unlabeled(2), steps=40, lr=7e-4, schedule="cosine",
+                      warmup_steps=2, embedding_weight=0.0)
+    assert without[0] < spelled[0] - 1e-4  # the term adds to the loss: it was on
+    teacher = bert()
+    student = fnet_student(teacher)
+    spelled = distill(copy.deepcopy(student), teacher, unlabeled(2), steps=3, lr=7e-4, schedule="cosine",
+                      warmup_steps=0, embedding_weight=0.0)
+    assert distill(student, teacher, unlabeled(2), steps=3) == pytest.approx(spelled, rel=1e-6)
+
+
+def test_embedding_weight_none_on_a_model_with_logits_and_no_other_weight_says_why_nothing_is_distilled():
+    model = bert()
+    with pytest.raises(SurgeryError, match=r"embedding_weight=None leaves the embedding term off .*nothing to "
+                                           r"distill; set embedding_weight or another weight > 0\.$"):
+        distill(model, copy.deepcopy(model), unlabeled(1), steps=1, hidden_weight=0, logit_weight=0)
