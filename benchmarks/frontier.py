@@ -325,7 +325,8 @@ def plot(record: dict, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="runs/frontier", help="where healed points are saved and read")
-    parser.add_argument("--points", default="all", help=f"heal: comma-separated, from: {', '.join(POINTS)}")
+    names = ", ".join(POINTS).replace("%", "%%")  # argparse formats help strings with %
+    parser.add_argument("--points", default="all", help=f"heal: comma-separated, from: {names}")
     parser.add_argument("--steps", type=int, default=600, help="distillation steps per point (batch 16)")
     parser.add_argument("--fit-steps", type=int, default=300, help="fit_steps of Factorize and FFF")
     parser.add_argument("--fit-lr", type=float, default=1e-3)

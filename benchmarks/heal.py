@@ -381,7 +381,8 @@ def main() -> None:
     parser.add_argument("--fff-choices", default=None, help="speed: the FFF settings timed (default: all)")
     parser.add_argument("--length", type=int, default=128, help="sequence length of the speed measurement")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--surgeries", default=None, help=f"comma-separated subset of: {', '.join(TARGETS)}")
+    names = ", ".join(TARGETS).replace("%", "%%")  # argparse formats help strings with %
+    parser.add_argument("--surgeries", default=None, help=f"comma-separated subset of: {names}")
     parser.add_argument("--plot", default=None, help="write the cosine-vs-steps plot here (PNG)")
     parser.add_argument("--save", default=None, help="heal: write the curves and speed-ups here (JSON)")
     parser.add_argument("--results", default=None, help="replot: the --save files to draw together")
