@@ -5,6 +5,9 @@ Prints markdown.
     .venv/bin/python benchmarks/fff.py                       # all parts (`make` installs the package into .venv)
     .venv/bin/python benchmarks/fff.py --parts block --batches 1,512 [--compile]
 
+Every timing cycles through a pool of ``--pool`` different inputs (fewer for the largest batches; at least 2): one
+input repeated keeps a tree's paths in cache and overstates its speed-up.
+
 (a) block: dense 768-3072-768 GELU vs FFF neuron form depth 11 (12 of 4095 neurons per token; each node variant,
     and the mirrored one on its PyTorch path, without the compiled kernels), a leaf form of about the dense parameter
     count (depth 4, leaves 192 wide), and fastfeedforward's FFF with the same leaf widths, at the given token
@@ -57,7 +60,13 @@ def dense_block(d: int = 768, hidden: int = 3072) -> nn.Module:
     return nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
 
 
-def block(batches: list[int], repeats: int, compile_: bool) -> str:
+def pool_of(make: Callable[[], object], batch_size: int, pool: int, budget: int = 2**25) -> list:
+    """``pool`` different inputs (fewer for large batches: at most ``budget`` elements in all, and at least 2): a tree
+    timed on one input repeated keeps that input's paths in cache and overstates its speed-up."""
+    return [make() for _ in range(max(2, min(pool, budget // max(batch_size, 1))))]
+
+
+def block(batches: list[int], repeats: int, compile_: bool, pool: int) -> str:
     from fastfeedforward import FFF as PeerFFF
 
     torch.manual_seed(0)
@@ -71,12 +80,13 @@ def block(batches: list[int], repeats: int, compile_: bool) -> str:
     if compile_:
         models["FFF neuron depth 11, node=mirrored, PyTorch path, torch.compile"] = torch.compile(
             PyTorchPath(FFF(768, 768, 11)), dynamic=True)
-    out = ["### FFN block, inference, d 768 (ratios: dense time / candidate time)\n"]
+    out = [f"### FFN block, inference, d 768 (ratios: dense time / candidate time; each call on the next of a pool of "
+           f"up to {pool} different inputs)\n"]
     headers = ["block", "params"] + [f"{b} tokens" for b in batches]
     rows = {name: [name, f"{count_params(model) / 1e6:.2f} M"] for name, model in models.items()}
     dense_ms = ["dense median"] + [""]
     for batch in batches:
-        x = torch.randn(batch, 768)
+        x = pool_of(lambda batch=batch: torch.randn(batch, 768), batch * 768, pool)
         chosen = {name: model for name, model in models.items()
                   if not (name.startswith("fastfeedforward") and batch > 512)}  # peer: one token at a time
         seconds = time_forward(chosen, x, repeats=repeats)
@@ -88,7 +98,7 @@ def block(batches: list[int], repeats: int, compile_: bool) -> str:
     return "\n".join(out) + "\n"
 
 
-def bert(repeats: int) -> str:
+def bert(repeats: int, pool: int) -> str:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -99,10 +109,10 @@ def bert(repeats: int) -> str:
         model = copy.deepcopy(dense)
         apply_fff(model, **kwargs)
         models[name] = model
-    inputs = {"input_ids": torch.randint(0, 30000, (32, 128))}
+    inputs = pool_of(lambda: {"input_ids": torch.randint(0, 30000, (32, 128))}, 32 * 128, min(pool, 8))
     seconds = time_forward(models, inputs, repeats=repeats)
     rows = timed_rows(models, seconds, "BERT-base encoder (dense FFN)")
-    return ("### BERT-base-size encoder, batch 32 x 128, inference\n\n"
+    return (f"### BERT-base-size encoder, batch 32 x 128, inference, a pool of {len(inputs)} different batches\n\n"
             + markdown_table(["model", "params", "median forward", "speed-up"], rows) + "\n")
 
 
@@ -113,7 +123,7 @@ def leaf_shape(width: int) -> tuple[int, int]:
     return depth, max(1, width // 2 ** (depth + 1))
 
 
-def width_curve(widths: list[int], batches: list[int], repeats: int, plot: str | None,
+def width_curve(widths: list[int], batches: list[int], repeats: int, plot: str | None, pool: int = 64,
                 max_dense: float = 2**30) -> str:
     """Speed-up of FFF trees over dense layers of growing width w (in = out = w), inference: against a single w x w
     Linear (the reference FFF repository's baseline) and a w -> 4w -> w GELU block; the neuron form at depth
@@ -137,7 +147,8 @@ def width_curve(widths: list[int], batches: list[int], repeats: int, plot: str |
                                                                                 activation=nn.GELU())}
         cells = {name: [] for name in trees}
         for batch in batches:
-            seconds = time_forward({**dense, **trees}, torch.randn(batch, width), repeats=repeats)
+            inputs = pool_of(lambda batch=batch, width=width: torch.randn(batch, width), batch * width, pool)
+            seconds = time_forward({**dense, **trees}, inputs, repeats=repeats)
             for name in trees:
                 for base in ("w x w", "w-4w-w"):
                     ratio = seconds[base] / seconds[name] if base in seconds else None
@@ -248,6 +259,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,32,512,4096", help="token batches for the block part")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--pool", type=int, default=64, help="different inputs each timing cycles through")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile'd neuron-form row")
     parser.add_argument("--widths", default=",".join(str(2**k) for k in range(6, 15)), help="widths for the width part")
     parser.add_argument("--width-batches", default="1,512", help="token batches for the width part")
@@ -255,10 +267,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=800, help="training steps for the accuracy part")
     parser.add_argument("--seeds", type=int, default=3)
     run_parts(parser, {
-        "block": lambda args: block([int(n) for n in args.batches.split(",")], args.repeats, args.compile),
-        "bert": lambda args: bert(max(3, args.repeats // 2)),
+        "block": lambda args: block([int(n) for n in args.batches.split(",")], args.repeats, args.compile, args.pool),
+        "bert": lambda args: bert(max(3, args.repeats // 2), args.pool),
         "width": lambda args: width_curve([int(n) for n in args.widths.split(",")],
-                                          [int(n) for n in args.width_batches.split(",")], args.repeats, args.plot),
+                                          [int(n) for n in args.width_batches.split(",")], args.repeats, args.plot,
+                                          args.pool),
         "accuracy": lambda args: accuracy(args.steps, args.seeds),
     })
 
