@@ -4,6 +4,8 @@ dynamic int8 quantization, against what a user tries first (``torch.ao.quantizat
     .venv/bin/python benchmarks/frontier.py --parts heal --work runs/frontier     # heal and save every point
     .venv/bin/python benchmarks/frontier.py --parts heal --points "Factorize 50%" --work runs/frontier   # one point
     .venv/bin/python benchmarks/frontier.py --parts measure --work runs/frontier --plot docs/frontier.png
+    .venv/bin/python benchmarks/frontier.py --parts heal,measure --points "FFF leaf 2x768" --docstrings 8000 \
+        --work runs/frontier_text                                                    # more healing text
     .venv/bin/python benchmarks/frontier.py --steps 2 --fit-steps 2 --sentences 16 --pool 2 --repeats 1   # smoke
 
 (a) heal: each point of ``POINTS`` (``--points``, default all) is the surgery (with its layer-wise fitting where it
@@ -11,7 +13,9 @@ dynamic int8 quantization, against what a user tries first (``torch.ao.quantizat
     recipe (AdamW at ``--lr``, 5% warm-up, cosine decay; 1 - cosine of the sentence embeddings, plus every layer's
     hidden-state MSE except for FNet), on the training split of the ``sentences`` data (Python's reference
     documentation). Each healed model is saved with ``algos.save_pretrained`` under ``--work`` with its healing wall
-    time (surgery, fitting and distillation; this CPU), so the slow part runs once per point.
+    time (surgery, fitting and distillation; this CPU), so the slow part runs once per point. ``--docstrings N``
+    adds N sentences of the installed packages' docstrings (other subjects, no licence text) to the healing text
+    (the point's name says so): does more, more varied text keep more on another domain?
 (b) measure: loads every saved point (``algos.from_pretrained`` on a fresh copy of the original), adds the int8
     variants (``algos.quantize_dynamic``: dynamic int8 for every ``nn.Linear`` and the FFF leaves; "+ int8": torch's
     default settings, per-tensor weights and 7-bit inputs; "+ int8 best": per-channel weights and, on a CPU with
@@ -104,6 +108,7 @@ BEST_INT8 = dict(per_channel=True, activation_bits=8 if has_vnni() else 7)
 VARIANTS = {"": None, " + int8": dict(per_channel=False, activation_bits=7), " + int8 best": BEST_INT8}
 
 
+STEPS = 600  # distillation steps per point unless --steps says otherwise (the point's name then says so)
 BASELINES = ("original", "int8 (torch one-liner)", "int8 per-channel (torch)", "int8 best (algos.quantize_dynamic)")
 
 
@@ -114,9 +119,12 @@ def slug(name: str) -> str:
 def heal(args) -> str:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    original, train, _ = load(args)
+    original, train, held_out = load(args)
     train_batches = list(train)
     calibration = train_batches[:args.calibration_batches]
+    if args.docstrings:
+        packages = tuple(args.docstring_packages.split(","))
+        train_batches = with_docstrings(train_batches, held_out, args.docstrings, packages)
     rows = []
     for name in chosen_points(args):
         torch.manual_seed(0)
@@ -126,11 +134,13 @@ def heal(args) -> str:
         distill(net, original, train_batches, steps=args.steps,
                 **recipe(name, argparse.Namespace(lr=args.lr, steps=str(args.steps))))
         seconds = time.perf_counter() - start
-        save_pretrained(net, work / slug(name), overwrite=True)
-        (work / slug(name) / "frontier.json").write_text(json.dumps(
-            {"name": name, "heal_seconds": seconds, "steps": args.steps, "fit_steps": args.fit_steps}))
-        rows.append([name, f"{seconds:.0f} s"])
-        print(time.strftime("%H:%M:%S"), name, f"healed in {seconds:.0f} s", file=sys.stderr, flush=True)
+        label = name + (f", {args.steps} steps" if args.steps != STEPS else "") + (
+            f", healed on docs + {args.docstrings} docstrings" if args.docstrings else "")
+        save_pretrained(net, work / slug(label), overwrite=True)
+        (work / slug(label) / "frontier.json").write_text(json.dumps(
+            {"name": label, "heal_seconds": seconds, "steps": args.steps, "fit_steps": args.fit_steps}))
+        rows.append([label, f"{seconds:.0f} s"])
+        print(time.strftime("%H:%M:%S"), label, f"healed in {seconds:.0f} s", file=sys.stderr, flush=True)
     return markdown_table(["point", "healing time"], rows) + "\n"
 
 
@@ -149,6 +159,54 @@ def licence_sentences() -> list[str]:
     files = sorted({*glob.glob(f"{site}/*.dist-info/*LICEN[CS]E*"), *glob.glob(f"{site}/*.dist-info/licenses/*")})
     texts = [Path(f).read_text(errors="ignore") for f in files if os.path.isfile(f)]
     return split_sentences(texts)
+
+
+# packages the project installs, whose docstrings are English of other subjects than Python's reference documentation
+DOCSTRING_PACKAGES = ("sklearn", "scipy", "numpy", "composer", "torchvision", "transformers")
+
+
+def docstring_sentences(count: int, packages: tuple[str, ...] = DOCSTRING_PACKAGES) -> list[str]:
+    """``count`` sentences (seeded sample) of the docstrings of ``packages``: more, and more varied,
+    unlabeled text for healing; no sentence that names a licence, a warranty or a copyright (the other held-out
+    domain is licence text)."""
+    import ast
+    import random
+
+    site = Path(nn.__file__).parents[2]
+    texts = []
+    for package in packages:
+        for file in sorted(glob.glob(f"{site}/{package}/**/*.py", recursive=True)):
+            try:
+                tree = ast.parse(Path(file).read_text(errors="ignore"))
+            except (SyntaxError, ValueError):
+                continue
+            texts += [doc for node in ast.walk(tree) if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                                                           ast.AsyncFunctionDef))
+                      and (doc := ast.get_docstring(node))]
+    legal = re.compile(r"licen[cs]e|warrant|copyright", re.IGNORECASE)
+    sentences = [s for s in split_sentences(texts) if not legal.search(s)]
+    return random.Random(0).sample(sentences, min(count, len(sentences)))
+
+
+def with_docstrings(train: list[dict], held_out, count: int, packages: tuple[str, ...]) -> list[dict]:
+    """The training batches plus ``count`` docstring sentences in batches of 16, shuffled together (seeded); a
+    docstring row that is also a held-out documentation row is left out."""
+    held = {tuple(row[row != 0].tolist()) for batch in held_out for row in batch["input_ids"]}
+    extra = tokenized(minilm_tokenizer(), docstring_sentences(count, packages), batch_size=16)
+    extra = [{key: value[keep] for key, value in batch.items()} for batch in extra
+             if (keep := torch.tensor([tuple(row[row != 0].tolist()) not in held for row in batch["input_ids"]])).any()]
+    batches = train + extra
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(0)).tolist()
+    return [batches[i] for i in order]
+
+
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    from algos.run.models import MODELS
+
+    return AutoTokenizer.from_pretrained(MODELS.build("sentence_encoder", {"pretrained": "all-MiniLM-L6-v2"},
+                                                      "model").input_spec.tokenizer)
 
 
 def tokenized(tokenizer, sentences: list[str], batch_size: int = 64, length: int = 64) -> list[dict]:
@@ -171,13 +229,8 @@ def speed_pool(train, args) -> list[dict]:
 
 
 def measure(args) -> str:
-    from transformers import AutoTokenizer
-
-    from algos.run.models import MODELS
-
     original, train, held_out_loader = load(args)
-    encoder = MODELS.build("sentence_encoder", {"pretrained": "all-MiniLM-L6-v2"}, "model")
-    tokenizer = AutoTokenizer.from_pretrained(encoder.input_spec.tokenizer)
+    tokenizer = minilm_tokenizer()
     sets = {"docs": held_out_batches(held_out_loader, args.sentences)}
     other = licence_sentences()
     other = other[::max(1, len(other) // args.sentences)][:args.sentences] if args.sentences else other
@@ -327,7 +380,11 @@ def main() -> None:
     parser.add_argument("--work", default="runs/frontier", help="where healed points are saved and read")
     names = ", ".join(POINTS).replace("%", "%%")  # argparse formats help strings with %
     parser.add_argument("--points", default="all", help=f"heal: comma-separated, from: {names}")
-    parser.add_argument("--steps", type=int, default=600, help="distillation steps per point (batch 16)")
+    parser.add_argument("--steps", type=int, default=STEPS, help="distillation steps per point (batch 16)")
+    parser.add_argument("--docstrings", type=int, default=0,
+                        help="heal: add this many sentences of installed packages' docstrings to the healing text")
+    parser.add_argument("--docstring-packages", default=",".join(DOCSTRING_PACKAGES),
+                        help="heal: the installed packages whose docstrings --docstrings samples")
     parser.add_argument("--fit-steps", type=int, default=300, help="fit_steps of Factorize and FFF")
     parser.add_argument("--fit-lr", type=float, default=1e-3)
     parser.add_argument("--lr", type=float, default=7e-4, help="distillation AdamW peak learning rate")

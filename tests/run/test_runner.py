@@ -40,10 +40,13 @@ RECIPE_BASE = {"factorize.yaml": "resnet56_cifar10.yaml", "fff.yaml": "vit_cifar
                "fnet_encoder_hybrid.yaml": "bart_span_corruption.yaml", "fnet_prefix_lm.yaml": "gpt2_prefix_lm.yaml",
                "self_distill.yaml": "bert_base_mlm.yaml", "heal_factorize.yaml": "minilm_sentences.yaml",
                "heal_fff.yaml": "minilm_sentences.yaml", "heal_fnet_hybrid.yaml": "minilm_sentences.yaml",
-               "heal_fnet.yaml": "minilm_sentences.yaml"}
+               "heal_fnet.yaml": "minilm_sentences.yaml", "heal_fff_wide.yaml": "minilm_sentences.yaml",
+               "heal_fnet_hybrid_fff.yaml": "minilm_sentences.yaml"}
 # Recipes whose fitting would dominate a two-batch smoke run: fewer fit steps (the fitting has its own tests).
 SMOKE_OVERRIDES = {"heal_factorize.yaml": ["algorithms.factorize.fit_steps=2"],
                    "heal_fff.yaml": ["algorithms.fff.fit_steps=2"],
+                   "heal_fff_wide.yaml": ["algorithms.fff.fit_steps=2"],
+                   "heal_fnet_hybrid_fff.yaml": ["algorithms.fff.fit_steps=2"],
                    "fast_bert.yaml": ["algorithms.fff.min_width=0"]}  # the offline BERT is 64 wide
 # The seq2seq / prefix-LM runs keep their own offline data (span corruption of Python's docs, built in a second),
 # with a short timed generation.
