@@ -14,11 +14,12 @@ C gets damping * mean(diag C) added to its diagonal, so directions the calibrati
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass
 
 import torch
+
+from algos.surgery.budget import BudgetTooSmall, BudgetUnit, allocate_budget
 
 
 @dataclass
@@ -88,10 +89,6 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     return min(int((cumulative < energy - 1e-12).sum().item()) + 1, len(singular_values))
 
 
-class BudgetTooSmall(ValueError):
-    """A MAC budget that even the smallest ranks exceed."""
-
-
 @dataclass
 class BudgetLayer:
     d_in: int
@@ -101,51 +98,24 @@ class BudgetLayer:
 
 
 def allocate_mac_budget(layers: list[BudgetLayer], budget: float, multiple: int) -> list[int | None]:
-    """Ranks keeping at most ``budget`` of the layers' dense MACs, spent where they cut the truncation error most.
-
-    Every layer starts at the smallest rank (``multiple``) and grows in steps of ``multiple``; each step goes to the
-    layer whose relative squared error drops most per MAC spent (greedy on a concave gain, as singular values
-    decrease). A layer whose next step reaches break-even goes dense instead (None: keep the dense layer).
-    """
-    dense = [layer.d_in * layer.d_out * layer.positions for layer in layers]
-    per_rank = [(layer.d_in + layer.d_out) * layer.positions for layer in layers]
-    remaining_energy = []
+    """Ranks keeping at most ``budget`` of the layers' dense MACs, spent where they cut the truncation error most
+    (``algos.surgery.budget``): ranks grow from ``multiple`` in steps of ``multiple``, a rank's error is the relative
+    squared truncation error sum_{i>r} s_i^2 / sum_i s_i^2, its cost r (d_in + d_out) MACs per output position; a
+    layer whose next step reaches break-even stays dense (None). ``BudgetTooSmall`` says what rank ``multiple``
+    everywhere keeps."""
+    units = []
     for layer in layers:
         squares = layer.singular_values.double().square()
-        tail = squares.flip(0).cumsum(0).flip(0) / squares.sum()  # tail[r] = relative error^2 at rank r
-        remaining_energy.append(torch.cat([tail, tail.new_zeros(1)]).tolist())
-
-    ranks: list[int | None] = []
-    for layer, cost_per_rank, dense_cost in zip(layers, per_rank, dense, strict=True):
-        start = min(multiple, min(layer.d_in, layer.d_out))
-        ranks.append(None if start * cost_per_rank >= dense_cost else start)
-    cost = [full if rank is None else rank * c for rank, c, full in zip(ranks, per_rank, dense, strict=True)]
-    allowed = budget * sum(dense)
-    if sum(cost) > allowed * (1 + 1e-9):
-        raise BudgetTooSmall(f"mac_budget={budget} cannot be met: rank {multiple} in every targeted layer already "
-                             f"keeps {sum(cost) / sum(dense):.1%} of their MACs; raise mac_budget or lower "
-                             f"rank_multiple.")
-    spare = allowed - sum(cost)
-
-    def next_step(index: int):
-        rank, layer = ranks[index], layers[index]
-        grown = min(rank + multiple, min(layer.d_in, layer.d_out))
-        if grown == rank or grown * per_rank[index] >= dense[index]:  # next step: keep the layer dense
-            return remaining_energy[index][rank], dense[index] - rank * per_rank[index], None
-        return remaining_energy[index][rank] - remaining_energy[index][grown], (grown - rank) * per_rank[index], grown
-
-    heap = []
-    for index, rank in enumerate(ranks):
-        if rank is not None:
-            gain, step_cost, grown = next_step(index)
-            heapq.heappush(heap, (-gain / step_cost, index, step_cost, grown))
-    while heap:
-        _, index, step_cost, grown = heapq.heappop(heap)
-        if step_cost > spare:
-            continue  # this layer stops here; cheaper steps of other layers may still fit
-        spare -= step_cost
-        ranks[index] = grown
-        if grown is not None:
-            gain, step_cost, grown = next_step(index)
-            heapq.heappush(heap, (-gain / step_cost, index, step_cost, grown))
-    return ranks
+        tail = (squares.flip(0).cumsum(0).flip(0) / squares.sum()).tolist() + [0.0]  # tail[r]: error^2 at rank r
+        limit = min(layer.d_in, layer.d_out)
+        sizes = sorted({min(rank, limit) for rank in range(multiple, limit + multiple, multiple)})
+        per_rank = (layer.d_in + layer.d_out) * layer.positions
+        units.append(BudgetUnit(sizes=sizes, cost=lambda r, per_rank=per_rank: r * per_rank,
+                                dense_cost=layer.d_in * layer.d_out * layer.positions,
+                                error=lambda r, tail=tail: tail[r]))
+    try:
+        return allocate_budget(units, budget)
+    except BudgetTooSmall as error:
+        raise BudgetTooSmall(error.smallest_share, f"mac_budget={budget} cannot be met: rank {multiple} in every "
+                             f"targeted layer already keeps {error.smallest_share:.1%} of their MACs; raise "
+                             f"mac_budget or lower rank_multiple.") from None
