@@ -70,10 +70,10 @@ def _factorize(rank, **settings):
                                                fit_lr=a.fit_lr, **settings)
 
 
-def _fff(depth, leaf_width):
+def _fff(depth, leaf_width, **settings):
     return lambda m, c, a: train_on_hard_path(apply_fff(m, init="dense", form="leaf", depth=depth,
                                                         leaf_width=leaf_width, calibration=c, fit_steps=a.fit_steps,
-                                                        fit_lr=a.fit_lr), m)
+                                                        fit_lr=a.fit_lr, **settings), m)
 
 
 def _fnet(**settings):
@@ -96,6 +96,9 @@ POINTS = {
     "Factorize budget 37.5%": _factorize(None, mac_budget=0.375),
     "FFF leaf 2x768": _fff(1, 768),
     "FFF leaf 4x384": _fff(2, 384),
+    # the MACs of 2x768 (50% of the feed-forward MACs), each block's leaf width chosen by its error at each width
+    # (mac_budget: the per-block allocation, in steps of 64)
+    "FFF leaf 2 x budget 50%": _fff(1, 64, mac_budget=0.5),
     "FNet-Hybrid": _fnet(keep_attention_layers=KEPT),
     "all-FNet": _fnet(),
     "FNet-Hybrid + FFF leaf 2x768": _chain(_fnet(keep_attention_layers=KEPT), _fff(1, 768)),

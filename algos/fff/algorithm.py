@@ -15,16 +15,18 @@ from composer.loggers import Logger
 from torch import nn
 
 from algos.fff.config import FFFConfig
-from algos.fff.dense_init import init_from_dense, relative_error
+from algos.fff.dense_init import init_from_dense, relative_error, split_top_down
 from algos.fff.handlers import already_converted, rewrite, tree_goes_inside
 from algos.fff.training import FFFTraining
 from algos.fff.tree import ACTIVATIONS, FFF, activation_name
 from algos.surgery.algorithm import SurgeryAlgorithm
 from algos.surgery.blocks import BLOCK_CLASSES, BLOCKS, Block, NotADenseBlock
+from algos.surgery.budget import BudgetTooSmall, BudgetUnit, allocate_budget
 from algos.surgery.calibration import CalibrationError, run_calibration
 from algos.surgery.config import Selection
 from algos.surgery.errors import NothingToRewrite
 from algos.surgery.fit import fit_to_outputs
+from algos.surgery.replace import SkipModule
 from algos.surgery.report import SurgeryReport
 from algos.surgery.surgery import Surgery, Targets, settings_signature
 from algos.surgery.targets import converted_by, name_matches
@@ -51,6 +53,7 @@ class FFFSurgery(Surgery):
         self.calibrated = False  # calibration was given (so a target it never reached says so)
         self.inputs: dict[str, torch.Tensor] = {}  # calibration rows reaching each target, at most calibration_tokens
         self.generator = torch.Generator().manual_seed(0)  # which rows are kept when more come
+        self.widths: dict[str, int | None] = {}  # mac_budget: each target's leaf width (None: it stays dense)
 
     @property
     def named(self) -> bool:
@@ -116,6 +119,9 @@ class FFFSurgery(Surgery):
             self.calibrated = True
             run_calibration(self.model, {fqn: block.dense.fc1 for fqn, block in self.targets.items()}, calibration,
                             self.collect_input, max_batches=self.config.calibration_batches)
+        if self.config.mac_budget is not None:
+            self.widths = self.choose_widths()
+            self.check_size(self.targets)  # now with each tree's own width
 
     def collect_input(self, fqn: str, module: nn.Module, x: torch.Tensor) -> None:
         """Calibration callback: keeps up to ``calibration_tokens`` input rows per block (a fixed-seed random subset
@@ -132,11 +138,50 @@ class FFFSurgery(Surgery):
             rows = rows[keep.to(rows.device)]
         self.inputs[fqn] = rows
 
+    def choose_widths(self) -> dict[str, int | None]:
+        """mac_budget: each target's leaf width, or None where it stays dense (``algos.surgery.budget``). Per token,
+        a leaf tree costs  depth d_in + w (d_in + d_out)  MACs (the decisions, then one leaf of width w) and the
+        dense block  h (d_in + d_out); a width's error is ||FFF(x) - block(x)||^2 / ||block(x)||^2 of the tree built
+        from the block at that width (hard routing) on the block's calibration tokens."""
+        config, units = self.config, []
+        for fqn, block in self.targets.items():
+            if fqn not in self.inputs:
+                raise config.error(f"calibration never reached {fqn!r}, so its error at each leaf width for "
+                                   f"mac_budget is unknown; exclude it with exclude_modules.")
+            inputs = self.inputs[fqn]
+            d_in, d_out, hidden = block.dense.in_features, block.dense.out_features, block.dense.fc1.out_features
+            split = split_top_down(inputs.float(), config.depth)  # the routing: the same at every width
+
+            def error(width: int, block=block, inputs=inputs, split=split) -> float:
+                tree = self.build(block, width)
+                init_from_dense(tree, block.dense, inputs, split)
+                return relative_error(tree, block.dense, inputs) ** 2
+
+            units.append(BudgetUnit(sizes=range(config.leaf_width, hidden, config.leaf_width),
+                                    cost=lambda w, d_in=d_in, d_out=d_out: config.depth * d_in + w * (d_in + d_out),
+                                    dense_cost=hidden * (d_in + d_out), error=error))
+        try:
+            widths = allocate_budget(units, config.mac_budget)
+        except BudgetTooSmall as small:
+            raise config.error(f"mac_budget={config.mac_budget} cannot be met: leaf width {config.leaf_width} in "
+                               f"every converted block already keeps {small.smallest_share:.1%} of their MACs per "
+                               f"token; raise mac_budget or lower leaf_width.") from None
+        return dict(zip(self.targets, widths, strict=True))
+
+    def build(self, block: Block, leaf_width: int | None = None) -> FFF:
+        """A fresh tree for ``block``, built where the block is (the memory check_size checked)."""
+        with torch.device(block.dense.fc1.weight.device):
+            return self.config.tree(block.dense.in_features, block.dense.out_features, self.activation_for(block),
+                                    leaf_width)
+
     def convert(self, module: nn.Module, fqn: str):
         block = self.targets[fqn]
-        with torch.device(block.dense.fc1.weight.device):  # built where it goes: the memory check_size checked
-            fff = self.config.tree(block.dense.in_features, block.dense.out_features, self.activation_for(block))
         notes = {"depth": self.config.depth, "form": self.config.form}
+        if self.config.mac_budget is not None:
+            if self.widths[fqn] is None:
+                raise SkipModule(f"mac_budget={self.config.mac_budget} keeps it dense")
+            notes["leaf_width"] = self.widths[fqn]
+        fff = self.build(block, self.widths.get(fqn))
         if fqn in self.inputs:
             if self.config.init == "dense":
                 init_from_dense(fff, block.dense, self.inputs[fqn])
@@ -171,37 +216,40 @@ class FFFSurgery(Surgery):
     def check_size(self, blocks: dict[str, Block]) -> None:
         """Refuse, before anything is allocated, a tree over ``max_params`` or trees that together need more memory
         than is available where they are built; both errors name the deepest depth that fits."""
-        depth, max_params, params = self.config.depth, self.config.max_params, self.config.tree_params
+        depth, max_params = self.config.depth, self.config.max_params
+
+        def params(fqn: str, d: int) -> int:  # with mac_budget, once widths are chosen, each tree's own width
+            return self.config.tree_params(blocks[fqn], d, self.widths.get(fqn))
 
         def deepest(fits) -> str:
             fitting = [d for d in range(depth) if fits(d)]
             return f"depth <= {fitting[-1]} fits" if fitting else "no depth fits"
 
-        def tree_bytes(block: Block, d: int) -> int:  # parameters in the default dtype, and the int64 usage counter
-            return params(block, d) * torch.get_default_dtype().itemsize + 2**d * 8
+        def tree_bytes(fqn: str, d: int) -> int:  # parameters in the default dtype, and the int64 usage counter
+            return params(fqn, d) * torch.get_default_dtype().itemsize + 2**d * 8
 
         if max_params is not None:
             for fqn, block in blocks.items():
                 dense = sum(p.numel() for p in block.dense.parameters())
                 limit = max_params if isinstance(max_params, int) else max_params * dense
-                if params(block, depth) > limit:
-                    hint = deepest(lambda d, block=block, limit=limit: params(block, d) <= limit)
-                    raise self.config.error(f"depth={depth} gives {fqn!r} a tree of {params(block, depth):,} "
+                if params(fqn, depth) > limit:
+                    hint = deepest(lambda d, fqn=fqn, limit=limit: params(fqn, d) <= limit)
+                    raise self.config.error(f"depth={depth} gives {fqn!r} a tree of {params(fqn, depth):,} "
                                             f"parameters, more than max_params={max_params!r} allows ({int(limit):,}; "
                                             f"the dense block has {dense:,}); {hint}.")
-        fqn, block = max(blocks.items(), key=lambda item: params(item[1], depth))
-        memory = available_memory(block.dense.fc1.weight.device)
+        largest = max(blocks, key=lambda fqn: params(fqn, depth))
+        memory = available_memory(blocks[largest].dense.fc1.weight.device)
         if memory is None:
             return
         available, source = memory
 
         def needed(d: int) -> int:
-            return sum(tree_bytes(b, d) for b in blocks.values())
+            return sum(tree_bytes(fqn, d) for fqn in blocks)
 
         if needed(depth) > available:
             together = f"; {len(blocks)} trees, {_bytes(needed(depth))} together" if len(blocks) > 1 else ""
-            raise self.config.error(f"depth={depth} gives {fqn!r} a tree of {params(block, depth):,} parameters "
-                                    f"({_bytes(tree_bytes(block, depth))}{together}), more than the "
+            raise self.config.error(f"depth={depth} gives {largest!r} a tree of {params(largest, depth):,} "
+                                    f"parameters ({_bytes(tree_bytes(largest, depth))}{together}), more than the "
                                     f"{_bytes(available)} of memory available ({source}); "
                                     f"{deepest(lambda d: needed(d) <= available)}.")
 

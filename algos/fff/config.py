@@ -25,7 +25,12 @@ class FFFConfig(SurgeryConfig):
                               "leaf (leaf form)")
     form: str = setting("neuron", "'neuron' (UltraFastBERT, hard routing in training too) or 'leaf' (FFF paper, soft "
                                   "mixture of leaf_width-wide leaf MLPs in training, hard in eval)")
-    leaf_width: int = setting(32, "leaf form: hidden width of each leaf MLP")
+    leaf_width: int = setting(32, "leaf form: hidden width of each leaf MLP; with mac_budget, the step (and "
+                                  "smallest width) of the per-block widths")
+    mac_budget: float | None = setting(None, "leaf form with init='dense', instead of one leaf_width: keep this share "
+                                             "of the converted blocks' dense MACs per token, giving each block the "
+                                             "leaf width where its measured error on calibration falls most per MAC "
+                                             "(a block may stay dense)")
     init: str = setting("scratch", "'scratch' (fresh weights) or 'dense' (from the trained block: median splits "
                                    "along principal directions, then the dense neurons that matter per leaf / "
                                    "least-squares node outputs), which needs calibration")
@@ -55,6 +60,14 @@ class FFFConfig(SurgeryConfig):
                              error=self.error)
         if self.init not in INITS:
             raise self.error(f"init={self.init!r} is not one of {', '.join(map(repr, INITS))}.")
+        budget = self.mac_budget
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+                raise self.error(f"mac_budget={budget!r} must be in (0, 1] (the share of the converted blocks' MACs "
+                                 f"to keep).")
+            if self.form != "leaf" or self.init != "dense":
+                raise self.error(f"mac_budget needs form='leaf' and init='dense' (it measures each block's error at "
+                                 f"each leaf width), not form={self.form!r}, init={self.init!r}.")
         limit = self.max_params
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
             raise self.error(f"max_params={limit!r} must be None, an int (parameters per tree) or a float "
@@ -70,11 +83,13 @@ class FFFConfig(SurgeryConfig):
     def calibration_needed(self) -> int:
         return self.calibration_batches if self.init == "dense" or self.fit_steps > 0 else 0
 
-    def tree(self, in_features: int, out_features: int, activation: str | nn.Module) -> FFF:
-        return FFF(in_features, out_features, self.depth, form=self.form, leaf_width=self.leaf_width,
+    def tree(self, in_features: int, out_features: int, activation: str | nn.Module,
+             leaf_width: int | None = None) -> FFF:
+        """The tree these settings give a block (``leaf_width``: mac_budget's width for it, else the setting)."""
+        return FFF(in_features, out_features, self.depth, form=self.form, leaf_width=leaf_width or self.leaf_width,
                    activation=activation, node=self.node, region_leak=self.region_leak)
 
-    def tree_params(self, block: Block, depth: int) -> int:
+    def tree_params(self, block: Block, depth: int, leaf_width: int | None = None) -> int:
         """Parameters of the tree ``block`` would get at ``depth``, without building it."""
-        return fff_param_count(block.dense.in_features, block.dense.out_features, depth, self.form, self.leaf_width,
-                               self.node)
+        return fff_param_count(block.dense.in_features, block.dense.out_features, depth, self.form,
+                               leaf_width or self.leaf_width, self.node)

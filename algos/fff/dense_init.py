@@ -32,11 +32,12 @@ LEAF_ROUTING_SHARPNESS = 4.0
 
 
 @torch.no_grad()
-def init_from_dense(fff: FFF, dense: DenseMLP, inputs: torch.Tensor) -> None:
-    """Overwrite ``fff``'s parameters from ``dense`` and its calibration ``inputs`` (tokens, in_features)."""
+def init_from_dense(fff: FFF, dense: DenseMLP, inputs: torch.Tensor, split: tuple | None = None) -> None:
+    """Overwrite ``fff``'s parameters from ``dense`` and its calibration ``inputs`` (tokens, in_features).
+    ``split``: ``split_top_down``'s result for these inputs and this tree's levels, when trees of several leaf widths
+    are built for one block (the routing does not depend on the width)."""
     x = inputs.float()
-    levels = fff.depth + 1 if fff.form == "neuron" else fff.depth
-    weight, bias, path, right = split_top_down(x, levels)
+    weight, bias, path, right = split if split is not None else split_top_down(x, routing_levels(fff))
     if fff.form == "leaf":
         weight, bias = weight * LEAF_ROUTING_SHARPNESS, bias * LEAF_ROUTING_SHARPNESS
     fff.node_weight.copy_(torch.where(weight.isnan(), fff.node_weight.float(), weight))
@@ -47,6 +48,11 @@ def init_from_dense(fff: FFF, dense: DenseMLP, inputs: torch.Tensor) -> None:
         _fill_leaves(fff, dense, x, leaf)
     else:
         _fit_node_outputs(fff, dense(x.to(dense.fc1.weight.dtype)).float(), x, path, right)
+
+
+def routing_levels(fff: FFF) -> int:
+    """Levels of decisions ``split_top_down`` makes for ``fff``: depth + 1 visited neurons, or depth for leaves."""
+    return fff.depth + 1 if fff.form == "neuron" else fff.depth
 
 
 def split_top_down(x: torch.Tensor, levels: int):

@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from transformers import BertModel
 
-from algos import FFF, FFFReplace, apply_fff
+from algos import FFF, FFFReplace, apply_fff, from_pretrained, save_pretrained
 from algos.fff import algorithm
 from algos.fff.blocks import TransformerLayerFFF
 from tests.models import tiny_bert_config
@@ -169,6 +169,14 @@ def test_optimizer_holds_the_new_parameters_and_not_the_old():
                                     r"allows \(4,810; the dense block has 4,810\); depth <= 4 fits"),
     (dict(depth=2, init="dense", calibration=torch.randn(4, 32)),
      r"calibration input of width 32 reached '0' \(expecting 64\)"),
+    (dict(depth=1, form="leaf", init="dense", mac_budget=1.5), r"mac_budget=1.5 must be in \(0, 1\]"),
+    (dict(depth=1, init="dense", mac_budget=0.5), "mac_budget needs form='leaf' and init='dense' .*not "
+                                                  "form='neuron', init='dense'"),
+    (dict(depth=1, form="leaf", mac_budget=0.5), "mac_budget needs form='leaf' and init='dense'"),
+    # 64 -> 64 -> 10: (1 * 64 + 16 * (64 + 10)) / (64 * (64 + 10)) = 26.4% of the MACs per token
+    (dict(depth=1, form="leaf", init="dense", leaf_width=16, mac_budget=0.1, calibration=torch.randn(64, 64)),
+     r"^FFFReplace: mac_budget=0.1 cannot be met: leaf width 16 in every converted block already keeps 26.4% of "
+     r"their MACs per token; raise mac_budget or lower leaf_width\.$"),
 ])
 def test_bad_input_is_a_one_line_error_and_the_model_is_untouched(kwargs, message):
     model, _, _ = trained_digits_mlp(steps=1)
@@ -335,3 +343,41 @@ def test_blocks_narrower_than_min_width_stay_dense_with_the_reason():
     assert {row.fqn for row in apply_fff(model(), depth=2, min_width=0).replaced} == {"0", "1"}
     with pytest.raises(ValueError, match=r"min_width=-1 must be an int >= 0"):
         apply_fff(model(), depth=2, min_width=-1)
+
+
+def two_blocks_one_easy(width=32, hidden=128):
+    """Two MLP blocks of the same shape: in the first only 8 hidden neurons reach the output (a narrow leaf holds
+    it), in the second every neuron does."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)) for _ in range(2)]
+    with torch.no_grad():
+        blocks[0][2].weight[:, 8:] = 0
+    return nn.Sequential(*blocks)
+
+
+def test_mac_budget_is_spent_where_the_error_falls_most_and_met_to_within_one_step(tmp_path):
+    model, x = two_blocks_one_easy(), torch.randn(512, 32)
+    report = apply_fff(model, form="leaf", depth=1, init="dense", leaf_width=8, mac_budget=0.4, min_width=0,
+                       calibration=x, example_inputs=x[:4])
+    easy, hard = (row.notes["leaf_width"] for row in report.replaced)
+    assert [model[0].leaf_width, model[1].leaf_width] == [easy, hard]
+    assert easy == 8 and hard > 4 * easy  # the easy block's 8 neurons fit its narrowest leaf
+    # per token: depth * d_in (the decision) + w (d_in + d_out) (one leaf) against h (d_in + d_out) dense
+    spent = sum(1 * 32 + width * 64 for width in (easy, hard))
+    allowed = 0.4 * 2 * 128 * 64
+    assert allowed - 8 * 64 < spent <= allowed
+    macs_after = sum(row.macs_after for row in report.replaced)  # the report counts the same trees on its own
+    assert macs_after <= 0.4 * sum(row.macs_before for row in report.replaced) * 1.01
+    assert report.replaced[0].notes["rel_error"] < 1e-4 < report.replaced[1].notes["rel_error"]
+    save_pretrained(model, tmp_path / "saved")  # each tree's own width comes back
+    loaded = from_pretrained(two_blocks_one_easy(), tmp_path / "saved").eval()
+    assert [loaded[0].leaf_width, loaded[1].leaf_width] == [easy, hard]
+    torch.testing.assert_close(call(loaded, x), call(model.eval(), x))
+
+
+def test_mac_budget_keeps_a_block_dense_when_that_is_where_the_budget_helps_most():
+    model, x = two_blocks_one_easy(), torch.randn(512, 32)
+    report = apply_fff(model, form="leaf", depth=1, init="dense", leaf_width=8, mac_budget=0.7, min_width=0,
+                       calibration=x)
+    assert [row.fqn for row in report.replaced] == ["0"] and isinstance(model[1], nn.Sequential)
+    assert [(row.fqn, row.reason) for row in report.skipped] == [("1", "mac_budget=0.7 keeps it dense")]
