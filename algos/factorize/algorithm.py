@@ -131,16 +131,32 @@ class FactorizeSurgery(Surgery):
                                f"count their MACs per sample.")
         for fqn, layer in targets:
             plan = self.plans[fqn]
-            with torch.no_grad():
-                plan.decomposition = decompose(plan.handler.weight_matrix(layer), self._whitening(plan),
-                                               config.damping)
+            self._decompose(plan, layer)
             if needs_positions and plan.positions is None:
                 raise config.error(f"calibration never reached {fqn!r}, so its MACs for mac_budget are unknown; "
                                    f"exclude it with exclude_modules.")
         self._choose_ranks(targets)
 
-    def _record_input(self, fqn: str, layer: nn.Module, x: torch.Tensor) -> None:
-        """Calibration's callback: the layer's output positions per sample, and (init="activation") sum x x^T."""
+    def recalibrate(self, layer: nn.Module, fqn: str, calibration) -> None:
+        """``sequential``: the layer's calibration inputs again, as they reach it through the layers factorized so
+        far, and (init="activation") its decomposition whitened by them; the rank stays the one ``prepare`` chose."""
+        plan = self.plans[fqn]
+        if plan.skip is not None:
+            return
+        plan.input_moment, plan.rows_seen, plan.inputs, plan.note = None, 0, None, None
+        run_calibration(self.model, {fqn: layer}, calibration, self._record_input,
+                        max_batches=self.config.calibration_batches)
+        if self.config.init == "activation":
+            self._decompose(plan, layer)
+
+    def _decompose(self, plan: LayerPlan, layer: nn.Module) -> None:
+        with torch.no_grad():
+            plan.decomposition = decompose(plan.handler.weight_matrix(layer), self._whitening(plan),
+                                           self.config.damping)
+
+    def _record_input(self, fqn: str, layer: nn.Module, x: torch.Tensor, real: torch.Tensor | None) -> None:
+        """Calibration's callback: the layer's output positions per sample, and (init="activation") sum x x^T and
+        (fit_steps) the kept rows over its real tokens (``real``: padding is left out)."""
         plan = self.plans[fqn]
         width, expected = plan.handler.input_width(layer, x)
         if width != expected:
@@ -148,6 +164,8 @@ class FactorizeSurgery(Surgery):
                                    f"({type(layer).__name__} expecting {expected}).")
         rows = plan.handler.input_rows(layer, x).float()
         plan.positions = rows.shape[0] // max(x.shape[0], 1) if x.dim() > 1 else rows.shape[0]
+        if real is not None and plan.handler.rows_are_tokens:
+            rows = rows[real.reshape(-1).to(rows.device)]
         if self.config.init == "activation":
             if not torch.isfinite(rows).all():
                 raise CalibrationError(f"{self.name}: the calibration inputs of {fqn!r} are not finite (NaN or "

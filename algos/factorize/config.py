@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from algos.surgery.calibration import check_sequential, sequential_setting
 from algos.surgery.config import SurgeryConfig, setting
 from algos.surgery.fit import check_fit_settings
 
@@ -59,6 +60,7 @@ class FactorizeConfig(SurgeryConfig):
     fit_lr: float = setting(1e-3, "Adam's learning rate for fit_steps")
     fit_tokens: int = setting(4096, "fit_steps: keep at most this many calibration input rows per layer (a random "
                                     "subset; for a convolution, a row is one im2col patch)")
+    sequential: bool = sequential_setting("init='activation' or fit_steps > 0")
 
     def check(self) -> None:
         self._check_composer_names()
@@ -89,6 +91,8 @@ class FactorizeConfig(SurgeryConfig):
         if not (_is_number(self.damping) and self.damping >= 0):
             raise self.error(f"damping={self.damping!r} must be a number >= 0.")
         check_fit_settings(self.fit_steps, self.fit_lr, self.error)
+        check_sequential(self.sequential, self.init == "activation" or self.fit_steps > 0,
+                         "init='activation' or fit_steps > 0", self.error)
 
     def _check_composer_names(self) -> None:
         for name in ("factorize_convs", "factorize_linears"):

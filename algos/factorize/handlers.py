@@ -21,6 +21,7 @@ class DenseHandler(ABC):
     """How Factorize reads and rebuilds one class of dense layer y = W x + b."""
 
     positions_need_calibration = False  # whether MACs per sample (output positions) are known only from real inputs
+    rows_are_tokens = False  # whether input_rows gives one row per (sample, position) of a (batch, position, d) input
 
     @abstractmethod
     def weight_matrix(self, layer: nn.Module) -> torch.Tensor:
@@ -67,6 +68,8 @@ class DenseHandler(ABC):
 
 class LinearHandler(DenseHandler):
     """``nn.Linear``: W is its weight; inputs are rows of their last dimension."""
+
+    rows_are_tokens = True
 
     def weight_matrix(self, linear):
         return linear.weight

@@ -22,7 +22,7 @@ from algos.fff.tree import ACTIVATIONS, FFF, activation_name
 from algos.surgery.algorithm import SurgeryAlgorithm
 from algos.surgery.blocks import BLOCK_CLASSES, BLOCKS, Block, NotADenseBlock
 from algos.surgery.budget import BudgetTooSmall, BudgetUnit, allocate_budget
-from algos.surgery.calibration import CalibrationError, run_calibration
+from algos.surgery.calibration import CalibrationError, run_calibration, token_rows
 from algos.surgery.config import Selection
 from algos.surgery.errors import NothingToRewrite
 from algos.surgery.fit import fit_to_outputs
@@ -123,14 +123,21 @@ class FFFSurgery(Surgery):
             self.widths = self.choose_widths()
             self.check_size(self.targets)  # now with each tree's own width
 
-    def collect_input(self, fqn: str, module: nn.Module, x: torch.Tensor) -> None:
-        """Calibration callback: keeps up to ``calibration_tokens`` input rows per block (a fixed-seed random subset
-        when more come)."""
+    def recalibrate(self, module: nn.Module, fqn: str, calibration) -> None:
+        """``sequential``: the block's calibration tokens again, as they reach it through the trees made so far
+        (``mac_budget``'s widths stay those chosen on the original model)."""
+        self.inputs.pop(fqn, None)
+        run_calibration(self.model, {fqn: self.targets[fqn].dense.fc1}, calibration, self.collect_input,
+                        max_batches=self.config.calibration_batches)
+
+    def collect_input(self, fqn: str, module: nn.Module, x: torch.Tensor, real: torch.Tensor | None) -> None:
+        """Calibration callback: keeps up to ``calibration_tokens`` input rows per block, padding left out (a
+        fixed-seed random subset when more come)."""
         width = self.targets[fqn].dense.in_features
         if x.shape[-1] != width:
             raise CalibrationError(f"{self.name}: calibration input of width {x.shape[-1]} reached {fqn!r} "
                                    f"(expecting {width}).")
-        rows = x.reshape(-1, width)
+        rows = token_rows(x, real)
         if fqn in self.inputs:
             rows = torch.cat([self.inputs[fqn], rows])
         if len(rows) > self.config.calibration_tokens:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from algos.fff.tree import FFF, check_tree_arguments, fff_param_count
+from algos.surgery.calibration import check_sequential, sequential_setting
 from algos.surgery.config import SurgeryConfig, setting
 from algos.surgery.fit import check_fit_settings
 
@@ -53,6 +54,7 @@ class FFFConfig(SurgeryConfig):
                                 "outputs on the calibration tokens (90% of them; the rest measure the error), which "
                                 "needs calibration; 0: no fitting")
     fit_lr: float = setting(1e-3, "Adam's learning rate for fit_steps")
+    sequential: bool = sequential_setting("init='dense' or fit_steps > 0")
 
     def check(self) -> None:
         check_tree_arguments(depth=self.depth, form=self.form, leaf_width=self.leaf_width,
@@ -78,6 +80,7 @@ class FFFConfig(SurgeryConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise self.error(f"{name}={value!r} must be an int >= {least}.")
         check_fit_settings(self.fit_steps, self.fit_lr, self.error)
+        check_sequential(self.sequential, self.calibration_needed > 0, "init='dense' or fit_steps > 0", self.error)
 
     @property
     def calibration_needed(self) -> int:

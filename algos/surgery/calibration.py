@@ -13,12 +13,31 @@ import torch
 from torch import nn
 
 from algos.surgery.batches import call_model, eval_mode
+from algos.surgery.config import setting
 
-InputCallback = Callable[[str, nn.Module, torch.Tensor], None]
+InputCallback = Callable[[str, nn.Module, torch.Tensor, torch.Tensor | None], None]
 
 
 class CalibrationError(ValueError):
     """Bad calibration input for a named module (raised by a callback; passed through unchanged)."""
+
+
+def sequential_setting(uses: str):
+    """The ``sequential`` setting of a calibrated surgery (``run_surgery`` acts on it); ``uses``: what reads the
+    inputs, which it needs on."""
+    return setting(False, f"convert the targets in model order, each from the inputs it gets with the ones before it "
+                          f"already converted, so errors do not compound unseen (calibration runs once per target); "
+                          f"needs {uses}")
+
+
+def check_sequential(sequential, reads_inputs: bool, uses: str, error: Callable[[str], Exception]) -> None:
+    """The ``sequential`` setting's check: a bool, and on only where ``uses`` (the settings that read calibration
+    inputs) are on (``reads_inputs``)."""
+    if not isinstance(sequential, bool):
+        raise error(f"sequential={sequential!r} must be True or False.")
+    if sequential and not reads_inputs:
+        raise error(f"sequential=True needs {uses} (it changes the calibration inputs they read; without them it does "
+                    f"nothing).")
 
 
 def as_batches(calibration) -> Iterable:
@@ -39,9 +58,17 @@ def run_calibration(
     *,
     max_batches: int | None = None,
 ) -> int:
-    """Call ``on_input(fqn, module, x)`` with the first input of every call of each module in ``modules`` while up
-    to ``max_batches`` batches of ``calibration`` run through ``model``. Returns the number of batches run."""
-    handles = [module.register_forward_pre_hook(_input_hook(fqn, on_input), with_kwargs=True)
+    """Call ``on_input(fqn, module, x, real)`` with the first input of every call of each module in ``modules`` while
+    up to ``max_batches`` batches of ``calibration`` run through ``model``. Returns the number of batches run.
+
+    ``real`` marks the rows of ``x`` that are real tokens (a bool tensor of ``x.shape[:-1]``), or is None (every row
+    counts): padding positions carry hidden states no output reads (attention and pooling mask them out), and on
+    short sentences they are half the rows, so what is learned from them is learned about nothing (``token_rows``
+    drops them). It is the batch's ``attention_mask`` wherever a module's input is (batch, position, features) of
+    that mask's shape; encoder-decoder models are left unmasked (their decoder positions are not the mask's).
+    """
+    padding = _PaddingMask(model)
+    handles = [module.register_forward_pre_hook(_input_hook(fqn, on_input, padding), with_kwargs=True)
                for fqn, module in modules.items()]
     count = 0
     try:
@@ -49,6 +76,7 @@ def run_calibration(
             for batch in as_batches(calibration):
                 if max_batches is not None and count >= max_batches:
                     break
+                padding.batch = batch
                 try:
                     call_model(model, batch)
                 except CalibrationError:
@@ -66,10 +94,33 @@ def run_calibration(
     return count
 
 
-def _input_hook(fqn: str, on_input: InputCallback):
+def token_rows(x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """``x`` as rows of its last dimension, without the padding ones (``real``: see :func:`run_calibration`)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if real is None else rows[real.reshape(-1).to(rows.device)]
+
+
+class _PaddingMask:
+    """The current calibration batch's attention mask, for the module inputs it lines up with."""
+
+    def __init__(self, model: nn.Module):
+        self.batch = None
+        self.encoder_decoder = any(getattr(getattr(m, "config", None), "is_encoder_decoder", False) is True
+                                   for m in model.modules())
+
+    def real(self, x: torch.Tensor) -> torch.Tensor | None:
+        mask = self.batch.get("attention_mask") if isinstance(self.batch, Mapping) else None
+        if (self.encoder_decoder or not isinstance(mask, torch.Tensor) or x.dim() != 3
+                or tuple(x.shape[:2]) != tuple(mask.shape)):
+            return None
+        return mask != 0
+
+
+def _input_hook(fqn: str, on_input: InputCallback, padding: _PaddingMask):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
         if tensors:
-            on_input(fqn, module, tensors[0].detach())
+            x = tensors[0].detach()
+            on_input(fqn, module, x, padding.real(x))
 
     return hook

@@ -4,7 +4,8 @@ A converter's answer is a module, ``(module, notes)``, a ``Rewrite`` (several mo
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -84,6 +85,20 @@ def replace_modules(
     except BaseException:
         undo.restore()
         raise
+
+
+@contextmanager
+def installed(model: nn.Module, replacements: Mapping[str, nn.Module]) -> Iterator[None]:
+    """``replacements`` swapped in for the duration of the ``with`` block, then every module put back where it was
+    (parents' flags included): sequential calibration runs data through the converted-so-far model this way, so the
+    real swap stays all or nothing."""
+    olds = {model.get_submodule(fqn): new for fqn, new in replacements.items()}
+    undo = _Snapshot(model, olds, [])
+    replace_modules(model, replacements)
+    try:
+        yield
+    finally:
+        undo.restore()
 
 
 class _Snapshot:

@@ -22,7 +22,7 @@ from torch import nn
 from algos.surgery.config import Selection, SurgeryConfig, fields_help
 from algos.surgery.errors import NothingToRewrite, SurgeryError
 from algos.surgery.quantize import quantized_modules
-from algos.surgery.replace import Rewrite, SkipModule, replace_modules
+from algos.surgery.replace import Rewrite, SkipModule, installed, replace_modules
 from algos.surgery.report import SurgeryReport
 from algos.surgery.targets import (
     SURGERY_MARKER,
@@ -42,7 +42,8 @@ class Surgery(ABC):
 
     The core calls, in this order: :meth:`check_model`; selection over ``classes`` with :meth:`is_candidate` and
     :meth:`skip_reason`; :meth:`prepare` once with every target (calibration, budgets shared across layers);
-    :meth:`convert` for every target; then the swap (all or nothing) and the report.
+    :meth:`convert` for every target; then the swap (all or nothing) and the report. With a config whose
+    ``sequential`` setting is on, :meth:`recalibrate` runs before each target's :meth:`convert` but the first.
     """
 
     config_class: ClassVar[type[SurgeryConfig]]
@@ -69,6 +70,11 @@ class Surgery(ABC):
 
     def prepare(self, targets: Targets, calibration) -> None:  # noqa: B027 (an optional hook)
         """Work that needs every target at once, before any conversion; ``calibration`` is None or batches."""
+
+    def recalibrate(self, module: nn.Module, fqn: str, calibration) -> None:
+        """``sequential``: learn again what ``module`` sees, now that the targets before it are converted (they are
+        in place, temporarily, while this runs); what :meth:`prepare` learned from the original model is replaced."""
+        raise NotImplementedError(f"{self.name} has no sequential calibration")
 
     @abstractmethod
     def convert(self, module: nn.Module, fqn: str) -> Rewrite | nn.Module | tuple[nn.Module, dict]:
@@ -103,6 +109,10 @@ def run_surgery(surgery: Surgery, *, calibration=None, optimizers=None, example_
     swap itself is all or nothing (``replace_modules``). With ``example_inputs`` (a batch the model can be called
     with) the model runs once after surgery to fill in the report's MACs per sample; otherwise they stay unknown
     until ``report.measure(model, batch)``. Nothing but the new modules is left on the model (no hook).
+
+    ``sequential`` (a config setting of the calibrated surgeries): targets are converted in model order, each from
+    the inputs it gets with the ones before it already converted (so errors do not compound unseen); calibration
+    then runs once per target, through the model with the replacements made so far swapped in for that pass only.
     """
     model, name, strict = surgery.model, surgery.name, surgery.selection.strict
     targets, skipped = _select(surgery)
@@ -110,7 +120,11 @@ def run_surgery(surgery: Surgery, *, calibration=None, optimizers=None, example_
     if targets:
         surgery.prepare(targets, calibration)
     replacements: dict[str, nn.Module] = {}
+    sequential = getattr(surgery.config, "sequential", False) and calibration is not None
     for fqn, module in targets:
+        if sequential and replacements:
+            with installed(model, replacements):
+                surgery.recalibrate(module, fqn, calibration)
         try:
             converted = surgery.convert(module, fqn)
         except SkipModule as why:
