@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from algos.heal.config import DistillConfig
 from algos.heal.distill import HiddenCapture, call, distillation_loss, matched_boundaries, teacher_bytes
 from algos.surgery.algorithm import SurgeryAlgorithm
-from algos.surgery.batches import eval_mode
+from algos.surgery.batches import eval_mode, is_encoder_decoder
 from algos.surgery.config import fields_help
 from algos.surgery.resume import REBUILD_KEY, load_model
 from algos.surgery.skeleton import materialize, meta_copy
@@ -155,7 +155,7 @@ class SelfDistillation(Algorithm):
         with torch.no_grad(), eval_mode(self.teacher), get_precision_context(state.precision):
             teacher_output = call(self.teacher, state.batch)
         extra = distillation_loss(state.outputs, teacher_output, self._student.outputs, self._teacher_capture.outputs,
-                                  self.config, state.batch)
+                                  self.config, state.batch, encoder_decoder=is_encoder_decoder(self.teacher))
         self._student.outputs.clear()
         self._teacher_capture.outputs.clear()
         weight = self.config.task_weight

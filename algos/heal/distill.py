@@ -9,8 +9,10 @@ The loss (TinyBERT's per-layer hidden-state MSE plus Hinton et al.'s temperature
       + task_weight      * L_task                                                       (the model's own loss)
 
 B: the boundary modules both models share, matched by name (their outputs, read with forward hooks); MSE is the
-mean over every element; the KL is summed over the classes / vocabulary and averaged over the rows (every position
-of a sequence output is a row). The T^2 keeps the logit gradients' scale independent of T (Hinton et al., 2015).
+mean over every element of the real tokens' rows; the KL is summed over the classes / vocabulary and averaged over
+the rows (every real token's position of a sequence output is a row). Padding positions (the batch's attention mask)
+are left out of both: nothing reads their hidden states, and on short sentences they are half the positions. The
+T^2 keeps the logit gradients' scale independent of T (Hinton et al., 2015).
 e_i is sentence i's embedding, sentence-transformers' mean pooling: e_i = sum_t m_it h_it / sum_t m_it over the final
 hidden state h (the output's ``last_hidden_state``) with the batch's attention mask m. On all-MiniLM-L6-v2 this term
 heals more than the per-layer MSE when the surgery changes how tokens mix (FNet): see the heal method card.
@@ -29,7 +31,7 @@ from composer.models import ComposerModel
 from torch import nn
 
 from algos.heal.config import DistillConfig
-from algos.surgery.batches import eval_mode, map_tensors
+from algos.surgery.batches import eval_mode, is_encoder_decoder, map_tensors, real_tokens
 from algos.surgery.targets import name_matches
 
 
@@ -151,12 +153,17 @@ def matched_boundaries(student: nn.Module, teacher: nn.Module, config: DistillCo
 
 
 def distillation_loss(student_output, teacher_output, student_hidden: dict, teacher_hidden: dict,
-                      config: DistillConfig, batch=None) -> torch.Tensor:
+                      config: DistillConfig, batch=None, *, encoder_decoder: bool = False) -> torch.Tensor:
     """hidden_weight * mean_b MSE(h_b^s, h_b^t) + logit_weight * T^2 * KL(softmax(z^t/T) || softmax(z^s/T))
     + embedding_weight * mean_i (1 - cos(e_i^s, e_i^t)): see the module docstring. Raises a one-line error when
     there is no hidden state, logits or embedding to match, or embedding_weight > 0 and the output has no final
-    hidden state."""
+    hidden state. ``encoder_decoder``: the model is one (``algos.surgery.batches.real_tokens``)."""
     terms = []
+
+    def real_rows(x: torch.Tensor) -> torch.Tensor:  # the rows of real tokens, padding left out (same for s and t)
+        real = real_tokens(batch, x, encoder_decoder=encoder_decoder)
+        return x.float() if real is None else x[real].float()
+
     if config.hidden_weight > 0:
         shared = [name for name in student_hidden if name in teacher_hidden]
         for name in shared:
@@ -165,13 +172,13 @@ def distillation_loss(student_output, teacher_output, student_hidden: dict, teac
                 raise config.error(f"boundary {name!r} gives a {tuple(s.shape)} output in the student but "
                                    f"{tuple(t.shape)} in the teacher; name boundaries of equal width in layers=.")
         if shared:
-            mse = torch.stack([F.mse_loss(student_hidden[n].float(), teacher_hidden[n].float()) for n in shared])
+            mse = torch.stack([F.mse_loss(real_rows(student_hidden[n]), real_rows(teacher_hidden[n])) for n in shared])
             terms.append(config.hidden_weight * mse.mean())
     student_logits, teacher_logits = logits_of(student_output), logits_of(teacher_output)
     if config.logit_weight > 0 and student_logits is not None and teacher_logits is not None:
         T = config.temperature
-        s = F.log_softmax(student_logits.float().reshape(-1, student_logits.shape[-1]) / T, dim=-1)
-        t = F.log_softmax(teacher_logits.float().reshape(-1, teacher_logits.shape[-1]) / T, dim=-1)
+        s = F.log_softmax(real_rows(student_logits).reshape(-1, student_logits.shape[-1]) / T, dim=-1)
+        t = F.log_softmax(real_rows(teacher_logits).reshape(-1, teacher_logits.shape[-1]) / T, dim=-1)
         kl = F.kl_div(s, t, log_target=True, reduction="batchmean")  # sum_c p_t (log p_t - log p_s), mean over rows
         terms.append(config.logit_weight * T * T * kl)
     embedding_weight = config.embedding_weight
@@ -279,6 +286,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, *, steps:
     teacher_device = next(itertools.chain(teacher.parameters(), teacher.buffers()), torch.empty(0)).device
     teacher.to(device)  # moved back when done; never trained (no-grad forward), its flags never touched
     student_capture, teacher_capture = HiddenCapture(names), HiddenCapture(names)
+    encoder_decoder = is_encoder_decoder(teacher)
     student_capture.attach(student)
     teacher_capture.attach(teacher)
     optimizer = None
@@ -293,7 +301,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, *, steps:
                 teacher_output = call(teacher, batch)
             student_output = call(student, batch)
             loss = distillation_loss(student_output, teacher_output, student_capture.outputs,
-                                     teacher_capture.outputs, config, batch)
+                                     teacher_capture.outputs, config, batch, encoder_decoder=encoder_decoder)
             if config.task_weight > 0:
                 own = task_loss(student, student_output, batch)
                 if own is None:

@@ -24,6 +24,22 @@ class eval_mode:
             module.training = training
 
 
+def real_tokens(batch, x: torch.Tensor, *, encoder_decoder: bool = False) -> torch.Tensor | None:
+    """Which (sample, position) rows of ``x`` (batch, position, features) are real tokens, not padding: the batch's
+    ``attention_mask`` where it has x's first two dimensions, else None (every row counts). Padding positions carry
+    hidden states nothing reads (attention and pooling mask them out). An encoder-decoder model gets None: its
+    decoder positions are not the mask's."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if encoder_decoder or not isinstance(mask, torch.Tensor) or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return None
+    return mask.to(x.device) != 0
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` holds a Hugging Face encoder-decoder (T5, BART): its config says so."""
+    return any(getattr(getattr(m, "config", None), "is_encoder_decoder", False) is True for m in model.modules())
+
+
 def call_model(model: nn.Module, batch):
     """Run a batch through a model: a ComposerModel takes the batch whole, a plain module takes a tensor, a tuple
     of positional arguments, or a dict of keyword arguments (HF style)."""

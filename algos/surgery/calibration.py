@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from algos.surgery.batches import call_model, eval_mode
+from algos.surgery.batches import call_model, eval_mode, is_encoder_decoder, real_tokens
 from algos.surgery.config import setting
 
 InputCallback = Callable[[str, nn.Module, torch.Tensor, torch.Tensor | None], None]
@@ -104,16 +104,10 @@ class _PaddingMask:
     """The current calibration batch's attention mask, for the module inputs it lines up with."""
 
     def __init__(self, model: nn.Module):
-        self.batch = None
-        self.encoder_decoder = any(getattr(getattr(m, "config", None), "is_encoder_decoder", False) is True
-                                   for m in model.modules())
+        self.batch, self.encoder_decoder = None, is_encoder_decoder(model)
 
     def real(self, x: torch.Tensor) -> torch.Tensor | None:
-        mask = self.batch.get("attention_mask") if isinstance(self.batch, Mapping) else None
-        if (self.encoder_decoder or not isinstance(mask, torch.Tensor) or x.dim() != 3
-                or tuple(x.shape[:2]) != tuple(mask.shape)):
-            return None
-        return mask != 0
+        return real_tokens(self.batch, x, encoder_decoder=self.encoder_decoder)
 
 
 def _input_hook(fqn: str, on_input: InputCallback, padding: _PaddingMask):

@@ -239,3 +239,32 @@ def test_embedding_weight_none_on_a_model_with_logits_and_no_other_weight_says_w
     with pytest.raises(SurgeryError, match=r"embedding_weight=None leaves the embedding term off .*nothing to "
                                            r"distill; set embedding_weight or another weight > 0\.$"):
         distill(model, copy.deepcopy(model), unlabeled(1), steps=1, hidden_weight=0, logit_weight=0)
+
+
+def test_hidden_and_logit_terms_count_real_tokens_only():
+    torch.manual_seed(0)
+    teacher = bert().eval()
+    student = fnet_student(teacher).eval()
+    names = boundary_names(student)
+    captures = [HiddenCapture(names), HiddenCapture(names)]
+    captures[0].attach(student)
+    captures[1].attach(teacher)
+    batch = unlabeled(1)[0]
+    batch["attention_mask"][:, 9:] = 0
+    batch["attention_mask"][0, 4:] = 0
+    real = batch["attention_mask"].bool()
+    config = DistillConfig(hidden_weight=1.0, logit_weight=0.0, embedding_weight=0.0)
+    with torch.no_grad():
+        student_output, teacher_output = call(student, batch), call(teacher, batch)
+        loss = distillation_loss(student_output, teacher_output, captures[0].outputs, captures[1].outputs, config,
+                                 batch)
+        # reference: the MSE over the real tokens' rows of each boundary, averaged over the boundaries
+        mse = [((captures[0].outputs[n][real] - captures[1].outputs[n][real]) ** 2).mean() for n in names]
+        assert loss.item() == pytest.approx(torch.stack(mse).mean().item(), rel=1e-5)
+        everywhere = [((captures[0].outputs[n] - captures[1].outputs[n]) ** 2).mean() for n in names]
+        assert abs(loss.item() - torch.stack(everywhere).mean().item()) > 1e-3 * loss.item()
+        logits_only = DistillConfig(hidden_weight=0.0, logit_weight=1.0, embedding_weight=0.0, temperature=1.0)
+        kl = distillation_loss(student_output, teacher_output, {}, {}, logits_only, batch)
+        s = torch.log_softmax(student_output.logits[real], -1)
+        t = torch.log_softmax(teacher_output.logits[real], -1)
+        assert kl.item() == pytest.approx((t.exp() * (t - s)).sum(-1).mean().item(), rel=1e-4)
