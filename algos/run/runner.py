@@ -219,6 +219,9 @@ class RunStats(Callback):
         self.tokens = 0
         self.losses: list[tuple[int, float]] = []
         self.evals: list[tuple[int, dict[str, float]]] = []
+        # training wall-clock seconds (Composer's total_wct: evaluation excluded) at each loss and each eval
+        self.loss_seconds: list[float] = []
+        self.eval_seconds: list[float] = []
         self._started = 0.0
         self._counts = (0, 0)
         self._restored_reports: list[list[tuple[str, dict]]] = [[] for _ in self.surgeries]
@@ -238,6 +241,7 @@ class RunStats(Callback):
             loss = sum(loss)
         if loss is not None:
             self.losses.append((batch, float(loss)))
+            self.loss_seconds.append(state.timestamp.total_wct.total_seconds())
         if self.counting:
             self.batch_seconds += time.perf_counter() - self._started
             self.samples += int(state.timestamp.sample) - self._counts[0]
@@ -246,6 +250,7 @@ class RunStats(Callback):
     def eval_end(self, state: State, logger: Logger) -> None:
         metrics = {name: float(metric.compute()) for name, metric in state.eval_metrics.get("eval", {}).items()}
         self.evals.append((int(state.timestamp.batch), metrics))
+        self.eval_seconds.append(state.timestamp.total_wct.total_seconds())
 
     def reports(self) -> list[list[tuple[str, dict]]]:
         """Each surgery algorithm's reports as (table, dict): this process's, or else those restored from the
@@ -254,7 +259,7 @@ class RunStats(Callback):
                 for index, algorithm in enumerate(self.surgeries)]
 
     # In every checkpoint, so that the summary of a resumed run covers the whole run.
-    _SAVED = ("batch_seconds", "samples", "tokens", "losses", "evals")
+    _SAVED = ("batch_seconds", "samples", "tokens", "losses", "evals", "loss_seconds", "eval_seconds")
 
     def state_dict(self) -> dict:
         return {**{key: getattr(self, key) for key in self._SAVED}, "reports": self.reports()}
@@ -428,6 +433,7 @@ def summarize(built: Built, trainer: Trainer, stats: RunStats) -> dict:
         "surgery": [as_dict for _, as_dict in reports],
         "surgery_tables": [table for table, _ in reports],
         "history": {"train_loss": stats.losses, "eval": stats.evals},
+        "training_seconds": {"train_loss": stats.loss_seconds, "eval": stats.eval_seconds},  # aligned with history
     }
 
 

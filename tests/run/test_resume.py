@@ -131,6 +131,9 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkey
     resumed = run(config(run_dir, *SIX_BATCHES, *extra, "run.resume=true", recipe=recipe), quiet=True)
     assert resumed["batches"] == 6 and json.loads((run_dir / "summary.json").read_text())["batches"] == 6
     assert resumed["history"] == straight["history"]  # every batch's train loss and the evals at 3 and 6, bit for bit
+    seconds = resumed["training_seconds"]  # the training clock carries on from the checkpoint, never restarts
+    assert len(seconds["train_loss"]) == 6 and len(seconds["eval"]) == len(resumed["history"]["eval"])
+    assert all(0 < a <= b for a, b in zip(seconds["train_loss"], seconds["train_loss"][1:], strict=False))
     expected, weights = final_weights(tmp_path / "straight"), final_weights(run_dir)
     assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
     # the surgery report too, also of a surgery made before the interruption (restored from the checkpoint)

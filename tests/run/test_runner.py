@@ -213,8 +213,13 @@ def test_compare_quick_start_writes_table_json_csv_and_plot(tmp_path, capsys):
     assert table == comparison_table(results) + "\n" and all(f"| {name} " in table for name in names)
     assert table in printed  # (lost when an earlier test left a wandb run open: see conftest.py)
     assert all(r["batches"] == 4 for r in results)  # the override after --out applied
+    assert results[0]["time_to_quality"] is None and results[3]["time_to_quality"] is None  # the baselines
+    assert all(r["time_to_quality"]["metric"] == "MulticlassAccuracy" for r in (results[1], results[2], results[4]))
+    assert all(len(r["training_seconds"]["eval"]) == len(r["history"]["eval"]) == 2 for r in results)
+    assert "| speed-up at matched MulticlassAccuracy " in table.splitlines()[0]
     csv_lines = (out_dir / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("name,group,samples_per_s") and len(csv_lines) == 6
+    assert csv_lines[0].endswith("speedup_at_matched_quality,seconds_to_baseline_quality")
     with Image.open(out_dir / "compare.png") as image:
         assert image.size[0] > 1000 and len(image.getcolors(1 << 20)) > 50  # a drawn figure, not a blank canvas
     with pytest.raises(SystemExit, match="--out '.*cmp' already exists; pass --overwrite"):
