@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from algos.fnet.config import FNetConfig
 from algos.fnet.handlers import FAMILIES, Role
 from algos.fnet.mixing import FourierMixing
 from algos.surgery.algorithm import SurgeryAlgorithm
+from algos.surgery.calibration import run_calibration, token_rows
 from algos.surgery.replace import SkipModule
 from algos.surgery.report import SurgeryReport
 from algos.surgery.surgery import Surgery, settings_signature
@@ -27,12 +29,15 @@ class FNetSurgery(Surgery):
     max_length: int | None  # the config's, or the HF config's max_position_embeddings
     roles: dict[str, Role]  # target fqn -> its role
     kept: set[str]  # in-scope targets kept as attention
+    shifts: dict[str, torch.Tensor]  # gate=True: target fqn -> the attention's mean output over the calibration
 
     def prepare(self, targets, calibration) -> None:
         self.max_length = self.config.max_length or _config_max_length(self.model)
         self.roles = {fqn: FAMILIES.find(module).role(module, self._parent(fqn)) for fqn, module in targets}
         in_scope = [fqn for fqn, _ in targets if self.roles[fqn] in self.config.mixed_roles]
         self.kept = self._kept_layers(in_scope)
+        mixed = {fqn: module for fqn, module in targets if fqn in in_scope and fqn not in self.kept}
+        self.shifts = mean_outputs(self.model, mixed, calibration) if self.config.gate and calibration else {}
 
     def convert(self, module: nn.Module, fqn: str):
         config, role = self.config, self.roles[fqn]
@@ -51,8 +56,13 @@ class FNetSurgery(Surgery):
             raise config.error(f"{fqn!r} {problem}.")
         norm = config.norm or family.default_norm(module, self._parent(fqn))
         mixing = FourierMixing(config.impl, causal=config.causal, norm=norm, padding=config.padding,
-                               max_length=self.max_length, dropout=config.dropout)
-        return family.build(module, mixing), {"impl": config.impl, "norm": norm}
+                               max_length=self.max_length, dropout=config.dropout,
+                               gate_width=family.width(module) if config.gate else None)
+        if fqn in self.shifts:
+            with torch.no_grad():
+                mixing.shift.copy_(self.shifts[fqn])
+        notes = {"impl": config.impl, "norm": norm, **({"gate": True} if config.gate else {})}
+        return family.build(module, mixing), notes
 
     def _kept_layers(self, fqns: list[str]) -> set[str]:
         keep = self.config.keep_attention_layers
@@ -69,6 +79,26 @@ class FNetSurgery(Surgery):
 
     def _parent(self, fqn: str) -> nn.Module:
         return self.model.get_submodule(fqn.rpartition(".")[0])
+
+
+@torch.no_grad()
+def mean_outputs(model: nn.Module, targets: dict[str, nn.Module], calibration) -> dict[str, torch.Tensor]:
+    """For each attention target with an output projection: the mean of what it adds to the residual stream over
+    the calibration's real tokens, mean_t P(c_t) = P(mean_t c_t) for the affine projection P and its inputs c_t."""
+    projections = {fqn: p for fqn, module in targets.items()
+                   if (p := FAMILIES.find(module).output_projection(module)) is not None}
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(projections, 0)
+
+    def on_input(fqn, module, x, real):
+        rows = token_rows(x, real).double()
+        sums[fqn] = sums.get(fqn, 0) + rows.sum(0)
+        counts[fqn] += rows.shape[0]
+
+    if projections:
+        run_calibration(model, projections, calibration, on_input)
+    return {fqn: projections[fqn]((sums[fqn] / counts[fqn]).to(projections[fqn].weight.dtype)[None])[0].float()
+            for fqn in projections if counts[fqn]}
 
 
 def _config_max_length(model: nn.Module) -> int | None:

@@ -33,6 +33,10 @@ class FNetConfig(SurgeryConfig):
     max_length: int | None = setting(None, "the fixed mixing length for padding='mask' and causal; default: the HF "
                                            "config's max_position_embeddings")
     dropout: float = setting(0.0, "dropout on the mixing output (0, as FNet)")
+    gate: bool = setting(False, "a learned per-channel gate g (starts at 0) and shift b on the mixing output, "
+                                "g * mix(x) + b; b starts at the replaced attention's mean output over the "
+                                "calibration tokens (0 without calibration, or for nn.MultiheadAttention): for "
+                                "pretrained models that are healed after surgery")
 
     def check(self) -> None:
         problem = mixing_argument_problem(impl=self.impl, causal=self.causal, norm=self.norm, padding=self.padding,
@@ -49,8 +53,15 @@ class FNetConfig(SurgeryConfig):
                 isinstance(keep, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in keep)):
             raise self.error(f"keep_attention_layers={keep!r} must be a list of layer indices (negative count from "
                              f"the last) or a float in [0, 1) (the share of last layers kept).")
+        if not isinstance(self.gate, bool):
+            raise self.error(f"gate={self.gate!r} must be True or False.")
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             raise self.error(f"dropout={self.dropout!r} must be in [0, 1).")
+
+    @property
+    def calibration_needed(self) -> int:
+        """gate=True reads 8 batches for the shift's starting value (a mean needs few); otherwise none."""
+        return 8 if self.gate else 0
 
     @property
     def mixed_roles(self) -> frozenset[Role]:

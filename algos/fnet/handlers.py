@@ -64,6 +64,15 @@ class AttentionFamily(ABC):
     def build(self, module: nn.Module, mixing: FourierMixing) -> nn.Module:
         """The module that stands where ``module`` stood and calls ``mixing``."""
 
+    @abstractmethod
+    def width(self, module: nn.Module) -> int:
+        """The width of what the attention adds to the residual stream."""
+
+    def output_projection(self, module: nn.Module) -> nn.Module | None:
+        """The affine module, called as a module, whose output is what the attention adds to the residual stream
+        (its mean output is its output at its mean input: what a gated mixing's shift starts from), or None."""
+        return None
+
 
 @dataclass(frozen=True)
 class HFFamily(AttentionFamily):
@@ -98,6 +107,12 @@ class BertFamily(HFFamily):
         return FourierBertAttention(mixing, module.output.LayerNorm, module.output.dropout.p,
                                     is_decoder=self.is_decoder(module))
 
+    def width(self, module):
+        return module.output.dense.out_features
+
+    def output_projection(self, module):
+        return module.output.dense
+
 
 @dataclass(frozen=True)
 class SeqFamily(HFFamily):
@@ -106,6 +121,7 @@ class SeqFamily(HFFamily):
 
     convention: CallConvention
     decoder_only: bool = False
+    projection: str = "o"  # the attribute holding the output projection (T5 "o", BART "out_proj", GPT-2 "c_proj")
 
     def is_cross(self, module, parent):
         return super().is_cross(module, parent) or bool(getattr(module, "is_cross_attention", False))
@@ -115,6 +131,13 @@ class SeqFamily(HFFamily):
 
     def build(self, module, mixing):
         return FourierSeqAttention(mixing, self.convention, getattr(module, "layer_idx", None))
+
+    def width(self, module):
+        projection = self.output_projection(module)  # an nn.Linear, or GPT-2's Conv1D with weight (in, out)
+        return projection.out_features if isinstance(projection, nn.Linear) else projection.weight.shape[-1]
+
+    def output_projection(self, module):
+        return getattr(module, self.projection)
 
 
 class MultiheadFamily(AttentionFamily):
@@ -136,14 +159,18 @@ class MultiheadFamily(AttentionFamily):
     def build(self, module, mixing):
         return FourierSelfAttention(mixing, batch_first=module.batch_first, embed_dim=module.embed_dim)
 
+    def width(self, module):  # (its out_proj is applied functionally, never called: no output projection to read)
+        return module.embed_dim
+
 
 FAMILIES: Handlers[AttentionFamily] = Handlers()
 FAMILIES.register(BertFamily(cross_slot="crossattention", pre_ln=False),
                   *hf_classes(("bert", "BertAttention"), ("roberta", "RobertaAttention")))
 FAMILIES.register(SeqFamily(cross_slot="EncDecAttention", pre_ln=True, convention=T5Convention()),
                   *hf_classes(("t5", "T5Attention"), ("mt5", "MT5Attention")))
-FAMILIES.register(SeqFamily(cross_slot="encoder_attn", pre_ln=False, convention=BartConvention()),
+FAMILIES.register(SeqFamily(cross_slot="encoder_attn", pre_ln=False, convention=BartConvention(),
+                            projection="out_proj"),
                   *hf_classes(("bart", "BartAttention"), ("mbart", "MBartAttention")))
 FAMILIES.register(SeqFamily(cross_slot="crossattention", pre_ln=True, convention=GPT2Convention(),
-                            decoder_only=True), *hf_classes(("gpt2", "GPT2Attention")))
+                            decoder_only=True, projection="c_proj"), *hf_classes(("gpt2", "GPT2Attention")))
 FAMILIES.register(MultiheadFamily(), nn.MultiheadAttention)

@@ -62,10 +62,15 @@ def mixing_argument_problem(*, impl: str, causal: bool, norm: str | None, paddin
 
 class FourierMixing(nn.Module):
     """Parameter-free token mixing; ``forward(x, keep=None)`` with x (batch, T, D) and ``keep`` (batch, T) bool,
-    True for real tokens (used with ``padding="mask"``)."""
+    True for real tokens (used with ``padding="mask"``).
+
+    ``gate_width=D`` adds the only parameters: a per-channel gate g and shift b on the output,
+        y = g * Re(F_T x F_D) + b,   g = 0 and b = 0 at construction (the surgery sets b),
+    so a pretrained layer starts from what it had, less the attention's variation around its mean, rather than from
+    a Fourier mix its next layers never saw; training grows g (FNetConfig's ``gate``)."""
 
     def __init__(self, impl: str = "fft", *, causal: bool = False, norm: str = "backward", padding: str = "ignore",
-                 max_length: int | None = None, dropout: float = 0.0):
+                 max_length: int | None = None, dropout: float = 0.0, gate_width: int | None = None):
         super().__init__()
         problem = mixing_argument_problem(impl=impl, causal=causal, norm=norm, padding=padding, max_length=max_length)
         if problem is not None:
@@ -74,6 +79,9 @@ class FourierMixing(nn.Module):
         if self.fixed_length and max_length is None:
             raise ValueError("FourierMixing: causal=True and padding='mask' mix at a fixed length; pass max_length.")
         self.dropout = nn.Dropout(dropout)
+        self.gate = self.shift = None
+        if gate_width is not None:
+            self.gate, self.shift = nn.Parameter(torch.zeros(gate_width)), nn.Parameter(torch.zeros(gate_width))
         self._matrices: dict = {}  # DFT matrices for impl="dft", per size and device; rebuilt on demand, not saved
 
     @property
@@ -83,7 +91,7 @@ class FourierMixing(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"impl={self.impl!r}, causal={self.causal}, norm={self.norm!r}, padding={self.padding!r}, "
-                f"max_length={self.max_length}")
+                f"max_length={self.max_length}" + ("" if self.gate is None else f", gate_width={len(self.gate)}"))
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, history=None) -> torch.Tensor:
         """Mix x (batch, T, D). ``history`` (causal decoding only): a callable that appends this step's projected
@@ -123,7 +131,10 @@ class FourierMixing(nn.Module):
                 padded = F.pad(h, (0, 0, 0, period - length)) if period > length else h
                 y = (_fft_mix(padded, self.norm) if self.impl == "fft" else _rfft_mix(padded, self.norm))
                 y = y[..., :length, :]
-        return self.dropout(_cast_back(y, x.dtype, self.norm))
+        y = _cast_back(y, x.dtype, self.norm)
+        if self.gate is not None:  # y = g * mix + b, in the input's dtype
+            y = torch.addcmul(self.shift.to(y.dtype), y, self.gate.to(y.dtype))
+        return self.dropout(y)
 
     def _project(self, h: torch.Tensor) -> torch.Tensor:
         """z = x @ [C_D | S_D], (B, T, 2D): the hidden-axis DFT, one GEMM."""
@@ -227,6 +238,8 @@ def _sequence_matrices(points: int, width: int, causal: bool, norm: str, device)
 
 SPECS.register("FourierMixing", FourierMixing,
                lambda m, spec: {"impl": m.impl, "causal": m.causal, "norm": m.norm, "padding": m.padding,
-                                "max_length": m.max_length, "dropout": m.dropout.p},
+                                "max_length": m.max_length, "dropout": m.dropout.p,
+                                "gate_width": None if m.gate is None else len(m.gate)},
                lambda s, child: FourierMixing(s["impl"], causal=s["causal"], norm=s["norm"], padding=s["padding"],
-                                              max_length=s["max_length"], dropout=s["dropout"]))
+                                              max_length=s["max_length"], dropout=s["dropout"],
+                                              gate_width=s.get("gate_width")))
