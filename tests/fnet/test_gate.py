@@ -10,11 +10,12 @@ import pytest
 import torch
 from transformers import BertModel
 
-from algos import apply_fnet_mixing, from_pretrained, save_pretrained
+from algos import FNetMixing, apply_fnet_mixing, from_pretrained, save_pretrained
 from algos.fnet import FourierMixing
 from algos.surgery import SurgeryError
 from tests.fnet.test_seq2seq import tiny_bart, tiny_gpt2
-from tests.models import classifier_and_batch, tiny_bert_config
+from tests.models import classifier_and_batch, fixed_batches, tiny_bert_config, tiny_mlm_and_batch
+from tests.surgery.test_composer import make_trainer
 
 
 def padded_batches(vocab: int, count: int = 3, length: int = 12) -> list[dict]:
@@ -127,3 +128,24 @@ def test_without_calibration_or_projection_the_shift_is_zero():
 def test_gate_must_be_a_bool():
     with pytest.raises(SurgeryError, match=r"gate='yes' must be True or False"):
         apply_fnet_mixing(BertModel(tiny_bert_config()), gate="yes")
+
+
+def test_gated_fnet_in_a_trainer_calibrates_on_train_batches_and_trains_the_gate(tmp_path):
+    model, batch = tiny_mlm_and_batch()
+    reference = copy.deepcopy(model.model)
+    apply_fnet_mixing(reference, keep_attention_layers=[-1], padding="mask", gate=True,
+                      calibration=[{k: v for k, v in batch.items() if k != "labels"}])
+    algorithm = FNetMixing(keep_attention_layers=[-1], padding="mask", gate=True)
+    surgery, shifts = algorithm.surgery, {}
+
+    def spy(net, optimizers=None, calibration=None):  # the shifts right after surgery, before any training step
+        report = surgery(net, optimizers=optimizers, calibration=calibration)
+        shifts.update({name: m.shift.detach().clone() for name, m in gated_mixings(net).items()})
+        return report
+
+    algorithm.surgery = spy
+    make_trainer(model, fixed_batches(batch), tmp_path, [algorithm], max_duration="2ba").fit()
+    expected = {name.removeprefix("model."): m.shift for name, m in gated_mixings(reference).items()}
+    assert len(shifts) == 3 and {name.removeprefix("model."): s for name, s in shifts.items()}.keys() == expected.keys()
+    assert all(torch.allclose(shifts[name], expected[name.removeprefix("model.")], atol=1e-5) for name in shifts)
+    assert all(m.gate.abs().sum() > 0 for m in gated_mixings(model).values())  # the optimizer trained the gates
