@@ -48,7 +48,8 @@ def test_frontier_benchmark_heals_saves_measures_and_plots_at_tiny_sizes(tmp_pat
                         str(tmp_path / "work"), "--steps", "2", "--fit-steps", "1", "--calibration-batches", "1",
                         "--sentences", "8", "--pool", "2", "--repeats", "1", "--plot", str(plot), "--docstrings", "16",
                         "--docstring-packages", "omegaconf")
-    point = f"{points}, 2 steps, healed on docs + 16 docstrings"  # what differs from the defaults names the point
+    # what differs from the defaults names the point
+    point = f"{points}, 2 steps, 1 calibration batches, healed on docs + 16 docstrings"
     for suffix in ("", " + int8", " + int8 best"):
         assert f"| {point}{suffix} " in out
     for baseline in ("original", "int8 (torch one-liner)", "int8 per-channel (torch)",
