@@ -59,3 +59,15 @@ def test_frontier_benchmark_heals_saves_measures_and_plots_at_tiny_sizes(tmp_pat
     assert out.count(" at cosine >= ") == 3 and "8 held-out documentation sentences, 8 licence sentences" in out
     assert len(list((tmp_path / "work").glob("*/model.safetensors"))) == 1
     assert plot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_time_to_quality_benchmark_judges_each_recipe_against_its_seed_baseline(tmp_path):
+    plot = tmp_path / "ttq.png"
+    out = run_benchmark("benchmarks/time_to_quality.py", "--batches", "2", "--eval-every", "1", "--eval-batches", "1",
+                        "--seeds", "0", "--recipes", "fnet", "--layers", "2", "--width", "64", "--seq-len", "32",
+                        "--out", str(tmp_path / "runs"), "--plot", str(plot))
+    assert "| bert_base_mlm " in out and "| baseline " in out
+    row = [line for line in out.splitlines() if line.startswith("| bert_base_mlm+fnet ")][-1]  # after compare's
+    assert "of 1 seeds" in row  # judged against the baseline: reached it, or the final gap
+    assert (tmp_path / "runs" / "seed0" / "results.json").exists() and plot.stat().st_size > 10_000

@@ -1,0 +1,133 @@
+"""Time to quality (issue 26): does a run with a surgery reach the baseline's quality sooner, Composer's way?
+
+    .venv/bin/python benchmarks/time_to_quality.py --out runs/ttq --plot docs/time_to_quality.png   # minutes per seed
+    .venv/bin/python benchmarks/time_to_quality.py --batches 2 --eval-every 1 --seeds 0 --recipes fnet_hybrid  # smoke
+
+Masked-LM pre-training of a small BERT from scratch (``yamls/bert_base_mlm.yaml`` cut to ``--layers`` x
+``--width``, offline: Python's reference documentation with its own WordPiece tokenizer), the baseline and each of
+``--recipes`` (files in ``recipes/``) trained for the same number of batches with the same optimizer and schedule,
+per seed, through ``algos compare``; every run is judged against the same seed's baseline on masked-token accuracy
+(``algos.run.quality``: the baseline's training time to the quality the run ends with over the run's, and the run's
+time to the baseline's final quality). The table gives the median over seeds and the range; ``--plot`` draws each
+run's accuracy against training time, one panel per seed.
+
+The runs share one learning-rate recipe (the base YAML's: AdamW 5e-4, linear warm-up 6% and decay), tuned for
+neither; a surgery that would gain from another schedule shows it here as a quality gap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from algos.bench import markdown_table  # noqa: E402
+from algos.run.compare import compare, main_metric  # noqa: E402
+from algos.run.quality import quality_curve  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def overrides(args, seed: int) -> list[str]:
+    heads = max(1, args.width // 64)
+    config = (f"{{num_hidden_layers: {args.layers}, hidden_size: {args.width}, num_attention_heads: {heads}, "
+              f"intermediate_size: {4 * args.width}, max_position_embeddings: {args.seq_len}}}")
+    return [f"model.config={config}", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch_size}",
+            f"trainer.max_duration={args.batches}ba", f"trainer.eval_interval={args.eval_every}ba",
+            f"trainer.eval_subset_num_batches={args.eval_batches}", "trainer.precision=fp32",
+            "trainer.progress_bar=false", f"trainer.save_interval={args.batches}ba", f"run.seed={seed}",
+            "callbacks={}", *args.override]
+
+
+def run_seeds(args) -> dict[int, list[dict]]:
+    paths = [str(ROOT / "yamls/bert_base_mlm.yaml"), *(str(ROOT / "recipes" / f"{r}.yaml") for r in args.recipes)]
+    results = {}
+    for seed in args.seeds:
+        start = time.perf_counter()
+        results[seed] = compare(paths, overrides(args, seed), out=f"{args.out}/seed{seed}", overwrite=True)
+        print(time.strftime("%H:%M:%S"), f"seed {seed} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return results
+
+
+def spread(values: list[float], form: str = ".2f", unit: str = "x") -> str:
+    if not values:
+        return "-"
+    text = f"{statistics.median(values):{form}}{unit}"
+    return text if len(values) == 1 else f"{text} ({min(values):{form}}-{max(values):{form}})"
+
+
+def report(results: dict[int, list[dict]], args) -> str:
+    names = [s["name"] for s in next(iter(results.values()))]
+    metric = main_metric(next(iter(results.values())))
+    rows = []
+    for name in names:
+        runs = [next(s for s in summaries if s["name"] == name) for summaries in results.values()]
+        quality = [r["time_to_quality"] for r in runs if r.get("time_to_quality")]
+        reached = [q["time_to_baseline"] for q in quality if q["time_to_baseline"] is not None]
+        gaps = [q["gap"] for q in quality if q["gap"] is not None]
+        rows.append([name, spread([r["metrics"].get(metric, float("nan")) for r in runs], ".4f", ""),
+                     spread([r["speedup"] for r in runs]),
+                     "baseline" if not quality else spread([q["speedup"] for q in quality if q["speedup"]]),
+                     "baseline" if not quality else (
+                         f"{len(reached)} of {len(quality)} seeds" + (f", {spread(reached, '.0f', ' s')}" if reached
+                                                                       else "")
+                         + (f"; final gap {spread(gaps, '+.4f', '')}" if gaps else ""))])
+    return "\n".join([
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; BERT {args.layers} x {args.width}, masked LM, "
+        f"batch {args.batch_size} x {args.seq_len}, {args.batches} batches, eval every {args.eval_every}; seeds "
+        f"{list(results)} (median, range)\n",
+        markdown_table(["run", f"final {metric}", "training throughput vs baseline",
+                        f"speed-up at matched {metric}", f"reached the baseline's final {metric}"], rows), ""])
+
+
+def plot(results: dict[int, list[dict]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = main_metric(next(iter(results.values())))
+    figure, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
+    for axis, (seed, summaries) in zip(axes[0], results.items(), strict=True):
+        for summary in summaries:
+            curve = quality_curve(summary, metric)
+            axis.plot([t for t, _ in curve], [v for _, v in curve], marker="o", ms=3, label=summary["name"])
+        axis.set(xlabel="training seconds (eval excluded)", ylabel=metric, title=f"seed {seed}")
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipes", default="fnet_hybrid,fnet,fff,factorize,fast_bert",
+                        type=lambda s: s.split(","), help="recipes/ files (without .yaml), each against the baseline")
+    parser.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=600)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--eval-batches", type=int, default=8, help="eval batches per evaluation")
+    parser.add_argument("--out", default="runs/time_to_quality")
+    parser.add_argument("--plot", default=None, help="write the accuracy-over-time plot here (PNG)")
+    parser.add_argument("override", nargs="*", help="more key=value overrides for every run")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    results = run_seeds(args)
+    if args.plot:
+        plot(results, args.plot)
+    print(report(results, args))
+
+
+if __name__ == "__main__":
+    main()
