@@ -71,3 +71,18 @@ def test_time_to_quality_benchmark_judges_each_recipe_against_its_seed_baseline(
     row = [line for line in out.splitlines() if line.startswith("| bert_base_mlm+fnet ")][-1]  # after compare's
     assert "of 1 seeds" in row  # judged against the baseline: reached it, or the final gap
     assert (tmp_path / "runs" / "seed0" / "results.json").exists() and plot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_export_benchmark_runs_every_surgery_in_onnxruntime_and_agrees_with_eager():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = run_benchmark("benchmarks/export.py", "--layers", "2", "--width", "32", "--batch", "2", "--length", "8",
+                        "--pool", "2", "--repeats", "1", "--runtimes", "eager,onnx")
+    rows = [line.split("|")[1:-1] for line in out.splitlines()
+            if line.startswith("| ") and ", " in line and "runtime" not in line]
+    names = {row[0].strip() for row in rows}
+    for surgery in ("dense", "Factorize 50%", "FFF leaf 2 x 64", "FFF neuron depth 8", "FNet-Hybrid rfft",
+                    "all-FNet rfft"):
+        assert {f"{surgery}, eager", f"{surgery}, onnx"} <= names
+    assert all(float(row[-1]) < 1e-4 for row in rows)  # every ONNX model computes what its eager model does

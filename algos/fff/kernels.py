@@ -27,6 +27,8 @@ import numpy
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from algos.surgery.tracing import recording_graph
+
 try:
     import numba
     from numba import njit, prange
@@ -181,10 +183,12 @@ def activation_code(activation) -> int | None:
 def available(tree, x: torch.Tensor, activation: bool = True) -> bool:
     """Whether the kernels cover this call: numba present and enabled, plain CPU tensors of float32/float64
     throughout, an activation in ``CODES`` (if ``activation``: the routing needs none), and nothing watching the
-    ops (a ``torch.compile`` trace, a dispatch mode such as the report's FLOP counter: they see the PyTorch path)."""
+    ops (a ``torch.compile`` / ``torch.export`` / ``torch.jit.trace`` recording, a dispatch mode such as the report's
+    FLOP counter: they see the PyTorch path)."""
     return (ENABLED and type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and tree.node_weight.dtype == x.dtype and tree.node_weight.device.type == "cpu"
-            and (not activation or tree.activation_code is not None) and not torch.compiler.is_compiling()
+            and (not activation or tree.activation_code is not None)
+            and not torch.compiler.is_compiling() and not recording_graph()
             and _get_current_dispatch_mode() is None)
 
 

@@ -46,6 +46,7 @@ from torch import nn
 
 from algos.fff import kernels
 from algos.surgery.pretrained import SPECS
+from algos.surgery.tracing import recording_graph
 
 FORMS = ("neuron", "leaf")
 NODES = ("mirrored", "ultrafastbert", "linear")
@@ -176,10 +177,10 @@ class FFF(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.node_weight.dtype:
             self._check_dtype(x)
-        if self.form == "leaf" and not self.soft and torch.compiler.is_exporting():
-            # torch.export cannot trace how many tokens each leaf gets (data-dependent shapes): an exported leaf
-            # tree runs every leaf and keeps each token's own (the one-hot path: the same values, 2^depth times the
-            # compute)
+        if self.form == "leaf" and not self.soft and recording_graph():
+            # an exported or traced graph cannot hold how many tokens each leaf gets (data-dependent shapes; a trace
+            # would replay the example's split for every input): it runs every leaf and keeps each token's own
+            # (the one-hot path: the same values, 2^depth times the compute)
             return self.forward_reference(x)
         rows = x.reshape(-1, self.in_features)
         if self.form == "neuron":

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from algos.surgery.pretrained import SPECS
+from algos.surgery.tracing import onnx_tracing, recording_graph
 
 IMPLS = ("fft", "rfft", "dft")
 NORMS = ("backward", "ortho")
@@ -103,11 +104,15 @@ class FourierMixing(nn.Module):
         positions of the new tokens."""
         if history is not None and not self.causal:
             raise ValueError("FourierMixing: cached (incremental) mixing needs causal=True.")
+        if self.impl != "dft" and onnx_tracing():
+            raise RuntimeError(f"FourierMixing(impl={self.impl!r}): torch.onnx.export's TorchScript exporter has no "
+                               "FFT; export with torch.onnx.export(..., dynamo=True) (ONNX's DFT operator, opset "
+                               "18) or apply the mixing with impl='dft' (the same result, as GEMMs).")
         if x.numel() == 0:  # an empty batch mixes to an empty output (MKL's FFT refuses zero-sized transforms)
             return x.clone()
         length = x.shape[-2]
         period = self.max_length if self.fixed_length else length
-        exporting = torch.compiler.is_exporting()  # no value-dependent checks in an exported graph
+        exporting = recording_graph()  # no value-dependent checks in an exported or traced graph
         masked = keep is not None and self.fixed_length
         with _autocast_off(x.device):
             h = x.float()
@@ -138,10 +143,18 @@ class FourierMixing(nn.Module):
 
     def _project(self, h: torch.Tensor) -> torch.Tensor:
         """z = x @ [C_D | S_D], (B, T, 2D): the hidden-axis DFT, one GEMM."""
-        key = ("hidden", h.shape[-1], h.device)
-        if key not in self._matrices:
-            self._matrices[key] = _hidden_matrix(h.shape[-1], h.device)
-        return h @ self._matrices[key]
+        return h @ self._matrix(("hidden", h.shape[-1], h.device), lambda: _hidden_matrix(h.shape[-1], h.device))
+
+    def _matrix(self, key: tuple, build):
+        """The DFT matrices for ``key``, built once per size and device. Not kept while a graph is recorded
+        (torch.export, ONNX, torch.compile): the tensors there are the recorder's placeholders, which an eager call
+        after the export would otherwise read."""
+        matrix = self._matrices.get(key)
+        if matrix is None:
+            matrix = build()
+            if not (recording_graph() or torch.compiler.is_compiling()):
+                self._matrices[key] = matrix
+        return matrix
 
     def _combine(self, z: torch.Tensor, start: int, period: int, positions: torch.Tensor | None = None):
         """Rows start .. T-1 of C_T (x C_D) - S_T (x S_D) for the T positions in z: the sequence-axis DFT.
@@ -151,16 +164,15 @@ class FourierMixing(nn.Module):
         the DFT index of each position, per row (causal mixing of a left-padded batch)."""
         total, width = z.shape[-2], z.shape[-1] // 2
         size = period if self.fixed_length else total
-        key = ("sequence", size, width, z.device)
-        if key not in self._matrices:
-            self._matrices[key] = _sequence_matrices(size, width, self.causal, self.norm, z.device)
+        matrices = self._matrix(("sequence", size, width, z.device),
+                                lambda: _sequence_matrices(size, width, self.causal, self.norm, z.device))
         if positions is None:
-            cos_t, sin_t = (m[start:total, :total] for m in self._matrices[key])
+            cos_t, sin_t = (m[start:total, :total] for m in matrices)
         else:
             # per row b, with q = positions[b]: y[b, p] = sum_s C[q_p, q_s] z_C[b, s] - S[q_p, q_s] z_S[b, s]
             # (pads have z = 0, so they add nothing; (batch, T_new, T) matrices, as attention's scores)
             rows, columns = positions[:, start:, None], positions[:, None, :]
-            cos_t, sin_t = (m[rows, columns] for m in self._matrices[key])
+            cos_t, sin_t = (m[rows, columns] for m in matrices)
         return cos_t @ z[..., :width] - sin_t @ z[..., width:]
 
 
@@ -170,8 +182,8 @@ def _positions(keep: torch.Tensor, total: int) -> torch.Tensor | None:
     pad: unpadded or right-padded)."""
     _check_mask_covers(keep, total)
     keep = keep[:, -total:]
-    if not torch.compiler.is_exporting() and not (keep[:, 1:] & ~keep[:, :-1]).any():
-        return None  # (torch.export cannot branch on values: there, every batch takes the general path)
+    if not recording_graph() and not (keep[:, 1:] & ~keep[:, :-1]).any():
+        return None  # (a recorded graph cannot branch on values: there, every batch takes the general path)
     return (keep.long().cumsum(-1) - 1).clamp(min=0)
 
 
