@@ -10,6 +10,7 @@ from torch import nn
 from algos import NoEffectWarning, apply_factorization
 from algos.factorize import FactorizedConv2d, FactorizedLinear
 from algos.surgery import SurgeryError
+from tests.helpers import layers_that_stay_dense
 
 
 def linear_with_spectrum(singular_values, seed=0) -> nn.Linear:
@@ -96,16 +97,6 @@ def test_fraction_and_int_ranks_round_up_to_the_multiple_and_skip_above_break_ev
     assert "break-even rank 32.0" in reasons(report)["0"]
     report = apply_factorization(model, rank=31, min_features=1, rank_multiple=1)
     assert ranks(report) == {"0": 31, "1": 31}
-
-
-def layers_that_stay_dense(**more: nn.Module) -> nn.ModuleDict:
-    """One layer for each data-free rule (small, grouped, thin conv, tied head) and a "big" Linear, plus ``more``."""
-    embedding = nn.Embedding(300, 300)
-    head = nn.Linear(300, 300, bias=False)
-    head.weight = embedding.weight
-    return nn.ModuleDict({"small": nn.Linear(300, 16), "grouped": nn.Conv2d(300, 300, 3, groups=3),
-                          "thin": nn.Conv2d(16, 300, 3), "embedding": embedding, "head": head,
-                          "big": nn.Linear(300, 300), **more})
 
 
 def test_small_grouped_and_tied_layers_stay_dense_with_reasons():

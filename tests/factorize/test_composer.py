@@ -13,7 +13,7 @@ import algos
 from algos import Factorize, FactorizedLinear, apply_factorization
 from algos.factorize import FactorizeConfig
 from algos.surgery import SurgeryError
-from tests.surgery.test_composer import assert_same, final_state, make_trainer
+from tests.helpers import assert_same, final_state, make_trainer
 
 
 class OptimizerWatch(Algorithm):

@@ -10,7 +10,7 @@ from torch import nn
 from algos import apply_factorization
 from algos.factorize.config import FactorizeConfig
 from algos.surgery import SurgeryError
-from tests.fff.test_apply import trained_digits_mlp
+from tests.helpers import trained_digits_mlp
 
 
 def fit_errors(report):
@@ -107,7 +107,7 @@ def test_an_mlp_block_is_fitted_as_a_block_where_per_layer_fitting_gains_nothing
 def test_bert_feed_forward_pairs_are_fitted_as_blocks():
     from transformers import BertModel
 
-    from tests.models import tiny_bert_config
+    from tests.helpers import tiny_bert_config
 
     torch.manual_seed(0)
     model = BertModel(tiny_bert_config(num_hidden_layers=2)).eval()
@@ -123,8 +123,7 @@ def test_bert_feed_forward_pairs_are_fitted_as_blocks():
 @pytest.mark.parametrize("pass_algorithm_again", [False, True])
 def test_resume_with_fitting_is_bit_exact(composer_model_factory, train_dataloader, tmp_path, pass_algorithm_again):
     from algos import Factorize
-    from tests.surgery import test_composer
+    from tests.helpers import check_resume_is_bit_exact
 
-    test_composer.test_resume_is_bit_exact(composer_model_factory, train_dataloader, tmp_path,
-                                           lambda: Factorize(rank=4, min_features=1, fit_steps=50),
-                                           pass_algorithm_again)
+    check_resume_is_bit_exact(composer_model_factory, train_dataloader, tmp_path,
+                              lambda: Factorize(rank=4, min_features=1, fit_steps=50), pass_algorithm_again)

@@ -15,7 +15,7 @@ from algos.run.config import load_config
 from algos.run.models import MODELS
 from algos.run.registry import ConfigError
 from algos.run.runner import build
-from tests.factorize.test_apply import layers_that_stay_dense
+from tests.helpers import layers_that_stay_dense
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,32 +5,15 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from composer.algorithms.warnings import NoEffectWarning
-from sklearn.datasets import load_digits
 from torch import nn
 from transformers import BertModel
 
 from algos import FFF, FFFReplace, apply_fff, from_pretrained, save_pretrained
 from algos.fff import algorithm
 from algos.fff.blocks import TransformerLayerFFF
-from tests.models import tiny_bert_config
-
-
-def trained_digits_mlp(hidden=64, steps=150):
-    """A 64-hidden-64-10 MLP trained on the scikit-learn digits; returns it with its inputs."""
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16
-    y = torch.tensor(digits.target)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, hidden), nn.GELU(), nn.Linear(hidden, 10))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return nn.Sequential(model), x, y
+from tests.helpers import tiny_bert_config, trained_digits_mlp, two_blocks_one_easy
 
 
 def rel_errors(report):
@@ -343,16 +326,6 @@ def test_blocks_narrower_than_min_width_stay_dense_with_the_reason():
     assert {row.fqn for row in apply_fff(model(), depth=2, min_width=0).replaced} == {"0", "1"}
     with pytest.raises(ValueError, match=r"min_width=-1 must be an int >= 0"):
         apply_fff(model(), depth=2, min_width=-1)
-
-
-def two_blocks_one_easy(width=32, hidden=128):
-    """Two MLP blocks of the same shape: in the first only 8 hidden neurons reach the output (a narrow leaf holds
-    it), in the second every neuron does."""
-    torch.manual_seed(0)
-    blocks = [nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)) for _ in range(2)]
-    with torch.no_grad():
-        blocks[0][2].weight[:, 8:] = 0
-    return nn.Sequential(*blocks)
 
 
 def test_mac_budget_is_spent_where_the_error_falls_most_and_met_to_within_one_step(tmp_path):

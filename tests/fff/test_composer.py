@@ -14,8 +14,15 @@ from torch.utils.data import DataLoader, TensorDataset
 import algos
 from algos import FFF, FFFReplace
 from algos.fff import FFFTraining
-from tests.models import classifier_and_batch, fixed_batches, losses_of, tiny_mlm_and_batch
-from tests.surgery.test_composer import assert_same, final_state, make_trainer
+from tests.helpers import (
+    assert_same,
+    classifier_and_batch,
+    final_state,
+    fixed_batches,
+    losses_of,
+    make_trainer,
+    tiny_mlm_and_batch,
+)
 
 
 def test_tiny_bert_mlm_trains_with_leaf_trees_and_hardening(tmp_path):

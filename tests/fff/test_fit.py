@@ -8,7 +8,7 @@ import torch
 from algos import FFF, apply_fff
 from algos.fff.config import FFFConfig
 from algos.surgery import SurgeryError
-from tests.fff.test_apply import trained_digits_mlp
+from tests.helpers import trained_digits_mlp
 
 
 @pytest.mark.parametrize("form,init", [("neuron", "dense"), ("leaf", "dense"), ("neuron", "scratch")])

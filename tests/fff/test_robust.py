@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from tests.fff.test_tree import random_tree
+from tests.helpers import random_tree
 
 NO_CACHE_SCRIPT = """
 import numba.core.caching as caching
@@ -20,7 +20,7 @@ import torch
 
 import algos  # numba used to refuse cache=True here: "cannot cache function '_forward': no locator available"
 from algos.fff import kernels
-from tests.fff.test_tree import random_tree
+from tests.helpers import random_tree
 
 fff = random_tree("neuron", 4).eval()
 x = torch.randn(40, 24)

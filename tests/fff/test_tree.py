@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from algos.fff.tree import FFF, hard_leaf, mixture_weights
+from tests.helpers import random_tree
 
 
 def naive_forward(fff: FFF, token: torch.Tensor) -> torch.Tensor:
@@ -34,14 +35,6 @@ def naive_forward(fff: FFF, token: torch.Tensor) -> torch.Tensor:
     leaf = node - (2**fff.depth - 1)
     hidden = fff.activation(token @ fff.leaf_in[leaf] + fff.leaf_in_bias[leaf])
     return hidden @ fff.leaf_out[leaf] + fff.leaf_out_bias[leaf]
-
-
-def random_tree(form, depth, node="mirrored", seed=0, d_in=24, d_out=12):
-    torch.manual_seed(seed)
-    fff = FFF(d_in, d_out, depth, form=form, leaf_width=8, node=node)
-    with torch.no_grad():
-        fff.node_bias.normal_(0, 0.3)  # routing not through the origin, so the fast path's offsets are exercised
-    return fff
 
 
 def trained_tree(form, depth, node="mirrored"):

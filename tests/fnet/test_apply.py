@@ -15,8 +15,16 @@ import algos
 from algos import FNetMixing, apply_fnet_mixing
 from algos.fnet import FourierBertAttention, FourierSelfAttention
 from algos.surgery import SurgeryError
-from tests.models import classifier_and_batch, fixed_batches, losses_of, tiny_bert_config, tiny_mlm_and_batch
-from tests.surgery.test_composer import assert_same, final_state, make_trainer
+from tests.helpers import (
+    assert_same,
+    classifier_and_batch,
+    final_state,
+    fixed_batches,
+    losses_of,
+    make_trainer,
+    tiny_bert_config,
+    tiny_mlm_and_batch,
+)
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])

@@ -13,9 +13,15 @@ from transformers import BertModel
 from algos import FNetMixing, apply_fnet_mixing, from_pretrained, save_pretrained
 from algos.fnet import FourierMixing
 from algos.surgery import SurgeryError
-from tests.fnet.test_seq2seq import tiny_bart, tiny_gpt2
-from tests.models import classifier_and_batch, fixed_batches, tiny_bert_config, tiny_mlm_and_batch
-from tests.surgery.test_composer import make_trainer
+from tests.helpers import (
+    classifier_and_batch,
+    fixed_batches,
+    make_trainer,
+    tiny_bart,
+    tiny_bert_config,
+    tiny_gpt2,
+    tiny_mlm_and_batch,
+)
 
 
 def padded_batches(vocab: int, count: int = 3, length: int = 12) -> list[dict]:

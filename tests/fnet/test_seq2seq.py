@@ -7,10 +7,6 @@ import pickle
 import pytest
 import torch
 from transformers import (
-    BartConfig,
-    BartForConditionalGeneration,
-    GPT2Config,
-    GPT2LMHeadModel,
     GPT2Model,
     T5Config,
     T5ForConditionalGeneration,
@@ -19,15 +15,7 @@ from transformers import (
 from algos import apply_fnet_mixing
 from algos.fnet import FourierMixing, FourierSeqAttention
 from algos.fnet.adapters import BartConvention, GPT2Convention, T5Convention, keep_mask
-
-
-def tiny_bart(**overrides):
-    torch.manual_seed(0)
-    config = BartConfig(vocab_size=64, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
-                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-                        dropout=0.0, attention_dropout=0.0, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-                        decoder_start_token_id=2, forced_eos_token_id=None, **overrides)
-    return BartForConditionalGeneration(config).eval()
+from tests.helpers import tiny_bart, tiny_gpt2
 
 
 def tiny_t5():
@@ -35,12 +23,6 @@ def tiny_t5():
     return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=3,
                                                num_decoder_layers=2, num_heads=4, dropout_rate=0.0,
                                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
-
-
-def tiny_gpt2(layers=3):
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0)).eval()
 
 
 def decoder_side(model):

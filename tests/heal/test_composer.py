@@ -12,8 +12,7 @@ from transformers.models.bert.modeling_bert import BertAttention
 from algos import FNetMixing, SelfDistillation
 from algos.fnet import FourierBertAttention
 from algos.surgery import SurgeryError
-from tests.models import tiny_mlm_and_batch
-from tests.surgery.test_composer import make_trainer
+from tests.helpers import make_trainer, tiny_mlm_and_batch
 
 
 def loader(batch, batch_size=2):

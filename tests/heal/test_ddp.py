@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.run.test_runner import _free_port
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_two_process_ddp_run_distills_from_the_model_before_surgery(tmp_path):
     run_dir = tmp_path / "ddp"
-    command = [sys.executable, "-m", "composer.cli.launcher", "-n", "2", "--master_port", str(_free_port()),
+    command = [sys.executable, "-m", "composer.cli.launcher", "-n", "2", "--master_port", str(free_port()),
                "-m", "algos.run", str(ROOT / "yamls/bert_base_mlm.yaml"), str(ROOT / "recipes/fnet_hybrid.yaml"),
                str(ROOT / "recipes/self_distill.yaml"),
                "model.config={num_hidden_layers: 4, hidden_size: 64, num_attention_heads: 2, intermediate_size: 256}",

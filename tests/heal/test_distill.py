@@ -13,7 +13,7 @@ from algos.heal import DistillConfig, boundary_names, distillation_loss
 from algos.heal.distill import HiddenCapture, call, learning_rate_factor, sentence_embeddings
 from algos.run.models import mean_pool
 from algos.surgery import SurgeryError
-from tests.models import tiny_bert_config
+from tests.helpers import tiny_bert_config
 
 
 def bert():

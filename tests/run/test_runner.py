@@ -6,7 +6,6 @@ and a 2-process DDP run works through Composer's launcher."""
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from algos.run.config import load_config
 from algos.run.registry import ConfigError
 from algos.run.rundir import run_lock
 from algos.run.runner import inspect_config, run
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 YAMLS = sorted(p.name for p in (ROOT / "yamls").glob("*.yaml"))
@@ -258,17 +258,11 @@ def test_compare_checks_every_config_before_the_first_run(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_ddp_run_through_composers_launcher(tmp_path):
     """``composer -n 2 -m algos.run``: gloo on CPU, FFF at INIT in both processes, each rank sees half the data."""
     run_dir = tmp_path / "ddp"
-    command = [sys.executable, "-m", "composer.cli.launcher", "-n", "2", "--master_port", str(_free_port()),
+    command = [sys.executable, "-m", "composer.cli.launcher", "-n", "2", "--master_port", str(free_port()),
                "-m", "algos.run", str(ROOT / "yamls/digits_mlp.yaml"), str(ROOT / "recipes/fff.yaml"),
                "model.width=32", "model.hidden=64", "algorithms.fff.min_width=0", *TWO_BATCHES,
                "trainer.max_duration=3ba", f"run.dir={run_dir}",

@@ -11,7 +11,7 @@ from composer.models import ComposerClassifier
 from torch import nn
 
 from algos import Factorize, FactorizedLinear
-from tests.surgery.test_composer import assert_same, final_state, make_trainer
+from tests.helpers import assert_same, final_state, make_trainer
 
 # module.0 (16 -> 32) is factorized, module.1 (BatchNorm: parameters and buffers) and module.3 (32 -> 4) are not.
 NEW = {"module.0.first.weight", "module.0.second.weight", "module.0.second.bias"}

@@ -8,7 +8,7 @@ import torch
 from transformers import BertModel
 
 from algos import apply_factorization, apply_fff
-from tests.models import tiny_bert_config
+from tests.helpers import tiny_bert_config
 
 
 def padded_and_unpadded(lengths=(11, 4, 7), width=12):
@@ -31,7 +31,9 @@ def padded_and_unpadded(lengths=(11, 4, 7), width=12):
 ], ids=["fff", "fff-sequential", "factorize-activation", "factorize-fit"])
 def test_a_padded_batch_calibrates_as_its_sentences_do_unpadded(apply, settings):
     torch.manual_seed(0)
-    original = BertModel(tiny_bert_config()).eval()
+    # float64: the fits make discrete choices (FFF's split of the neurons, the hold-out check) that float32's
+    # summation order, which differs between a padded batch and its sentences alone and between CPUs, can flip
+    original = BertModel(tiny_bert_config()).double().eval()
     padded, alone = padded_and_unpadded()
     models = []
     for calibration in ([padded], alone):

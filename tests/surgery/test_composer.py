@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from composer import Trainer
 from composer.loggers import InMemoryLogger
 from torch import nn
 
@@ -13,6 +12,7 @@ import algos
 from algos import Factorize, FFFReplace, SwapLinear
 from algos.surgery import Surgery, SurgeryAlgorithm, SurgeryConfig
 from algos.surgery.example import SwappedLinear
+from tests.helpers import assert_same, check_resume_is_bit_exact, final_state, make_trainer
 
 
 class Wrapped(nn.Module):
@@ -42,43 +42,6 @@ class WrapLinear(SurgeryAlgorithm):
     """A third-party algorithm on the core whose checkpoints cannot load into the original architecture."""
 
     surgery_class = WrapSurgery
-
-
-def make_trainer(model, dataloader, tmp_path, algorithms=(), load_path=None, logger=None, max_duration="4ba",
-                 **kwargs):
-    return Trainer(
-        model=model,
-        train_dataloader=dataloader,
-        optimizers=torch.optim.Adam(model.parameters(), lr=1e-2),
-        algorithms=list(algorithms),
-        max_duration=max_duration,
-        save_folder=str(tmp_path / "checkpoints"),
-        save_interval="2ba",
-        save_overwrite=True,
-        load_path=load_path,
-        loggers=[logger] if logger else [],
-        device="cpu",
-        seed=17,
-        progress_bar=False,
-        log_to_console=False,
-        **kwargs,
-    )
-
-
-def final_state(trainer):
-    model = trainer.state.model
-    optimizer = trainer.state.optimizers[0]
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            [{k: v.clone() for k, v in optimizer.state[p].items()} for p in optimizer.param_groups[0]["params"]])
-
-
-def assert_same(a, b):
-    weights_a, optim_a = a
-    weights_b, optim_b = b
-    assert weights_a.keys() == weights_b.keys()
-    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
-    assert len(optim_a) == len(optim_b)
-    assert all(all(torch.equal(sa[k], sb[k]) for k in sa) for sa, sb in zip(optim_a, optim_b, strict=True))
 
 
 def test_fit_runs_surgery_at_init_and_logs_report(composer_model_factory, train_dataloader, tmp_path):
@@ -121,24 +84,8 @@ ALGORITHMS = {
 @pytest.mark.parametrize("pass_algorithm_again", [False, True])
 def test_resume_is_bit_exact(composer_model_factory, train_dataloader, tmp_path, algorithm_class,
                              pass_algorithm_again):
-    straight = make_trainer(composer_model_factory(), train_dataloader, tmp_path, [algorithm_class()])
-    straight.fit()
-    expected = final_state(straight)
-    expected_types = [type(m) for m in straight.state.model.module]
-
-    again = [algorithm_class()] if pass_algorithm_again else []
-    resumed = make_trainer(composer_model_factory(), train_dataloader, tmp_path / "resumed", again,
-                           load_path=str(tmp_path / "checkpoints" / "ep0-ba2-rank0.pt"))
-    assert [type(m) for m in resumed.state.model.module] == expected_types
-    assert int(resumed.state.timestamp.batch) == 2
-    resumed.fit()
-    assert int(resumed.state.timestamp.batch) == 4
-    assert_same(final_state(resumed), expected)
-    # A checkpoint written by the resumed run records the surgery too: resume from it once more.
-    twice = make_trainer(composer_model_factory(), train_dataloader, tmp_path / "twice",
-                         load_path=str(tmp_path / "resumed" / "checkpoints" / "ep0-ba4-rank0.pt"), max_duration="4ba")
-    assert [type(m) for m in twice.state.model.module] == expected_types
-    assert_same(final_state(twice), expected)
+    check_resume_is_bit_exact(composer_model_factory, train_dataloader, tmp_path, algorithm_class,
+                              pass_algorithm_again)
 
 
 def test_excluding_the_algorithm_on_load_leaves_the_original_architecture(composer_model_factory, train_dataloader,
@@ -290,7 +237,7 @@ def test_load_model_loads_all_or_says_what_it_did_not(composer_model_factory, tr
 
 
 def test_load_model_into_a_hugging_face_network_with_several_surgeries(tmp_path):
-    from tests.models import fixed_batches, tiny_mlm_and_batch
+    from tests.helpers import fixed_batches, tiny_mlm_and_batch
 
     model, batch = tiny_mlm_and_batch()
     algorithms = [algos.FNetMixing(keep_attention_layers=[-1]), FFFReplace(min_width=0, depth=2, form="leaf",

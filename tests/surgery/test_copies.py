@@ -12,29 +12,7 @@ from torch import nn
 from transformers import BertForMaskedLM
 
 import algos
-from tests.models import fixed_batches, tiny_bert_config
-from tests.surgery.test_composer import make_trainer
-
-SURGERIES = {
-    "factorize": lambda m: algos.apply_factorization(m, rank=0.5, min_features=1),
-    "fff_neuron": lambda m: algos.apply_fff(m, depth=2, min_width=0),
-    "fff_leaf": lambda m: algos.apply_fff(m, depth=2, form="leaf", leaf_width=8, min_width=0),
-    "fnet": lambda m: algos.apply_fnet_mixing(m),
-    "fnet_hybrid+fff+factorize": lambda m: (algos.apply_fnet_mixing(m, keep_attention_layers=[-1]),
-                                            algos.apply_fff(m, depth=2, min_width=0),
-                                            algos.apply_factorization(m, rank=0.25, min_features=1,
-                                                                      target_modules=["query", "value"])),
-}
-
-
-def bert() -> BertForMaskedLM:
-    torch.manual_seed(0)
-    return BertForMaskedLM(tiny_bert_config()).eval()
-
-
-def batch(seed: int = 1) -> dict:
-    ids = torch.randint(5, 100, (4, 16), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+from tests.helpers import COPY_SURGERIES, fixed_batches, make_trainer, tiny_bert_config, tiny_bert_mlm, tiny_mlm_batch
 
 
 def hooks(model: nn.Module) -> list[str]:
@@ -42,29 +20,29 @@ def hooks(model: nn.Module) -> list[str]:
             if m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks]
 
 
-@pytest.mark.parametrize("surgery", SURGERIES)
+@pytest.mark.parametrize("surgery", COPY_SURGERIES)
 def test_a_surgered_model_copies_and_pickles_before_and_after_its_first_forward(surgery):
-    model = bert()
-    SURGERIES[surgery](model)
+    model = tiny_bert_mlm()
+    COPY_SURGERIES[surgery](model)
     assert hooks(model) == []
-    inputs = batch()
+    inputs = tiny_mlm_batch()
     before_first = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
     expected = model(**inputs).logits
     for other in before_first:  # each copy runs on its own, in either order, and agrees
         assert torch.equal(other(**inputs).logits, expected)
     after_first = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
     for other in reversed(after_first):
-        assert torch.equal(other(**batch(2)).logits, model(**batch(2)).logits)
+        assert torch.equal(other(**tiny_mlm_batch(2)).logits, model(**tiny_mlm_batch(2)).logits)
     assert hooks(model) == []
 
 
-@pytest.mark.parametrize("surgery", SURGERIES)
+@pytest.mark.parametrize("surgery", COPY_SURGERIES)
 def test_dynamic_int8_quantization_composes_with_every_surgery(surgery):
     """torch's one-line int8 (every nn.Linear, Factorize's pairs included) as a copy and in place: it runs, and stays
     close to the float surgered model (FFF trees and Fourier mixing stay float)."""
-    model = bert()
-    SURGERIES[surgery](model)
-    inputs = batch()
+    model = tiny_bert_mlm()
+    COPY_SURGERIES[surgery](model)
+    inputs = tiny_mlm_batch()
     quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)  # a copy, first
     copy_output = quantized(**inputs).logits
     expected = model(**inputs).logits
@@ -100,19 +78,19 @@ def test_nothing_stays_on_the_model_after_a_composer_run_with_surgery_and_healin
 
 
 def test_distill_leaves_the_teacher_and_the_students_modes_as_they_were():
-    teacher = bert().train()
+    teacher = tiny_bert_mlm().train()
     student = copy.deepcopy(teacher)
     algos.apply_fnet_mixing(student, keep_attention_layers=[-1])
     student.eval()
     weights = {key: value.clone() for key, value in teacher.state_dict().items()}
-    algos.distill(student, teacher, [batch()], steps=2, lr=1e-3)
+    algos.distill(student, teacher, [tiny_mlm_batch()], steps=2, lr=1e-3)
     assert teacher.training and all(p.requires_grad for p in teacher.parameters())
     assert all(torch.equal(value, weights[key]) for key, value in teacher.state_dict().items())
     assert not student.training and hooks(student) == [] and hooks(teacher) == []
     second = copy.deepcopy(teacher)  # the same teacher heals a second surgery (it failed: no parameter to train)
     algos.apply_factorization(second, rank=0.5, min_features=1)
-    assert len(algos.distill(second, teacher, [batch()], steps=1, lr=1e-3)) == 1
+    assert len(algos.distill(second, teacher, [tiny_mlm_batch()], steps=1, lr=1e-3)) == 1
     second.requires_grad_(False)
     with pytest.raises(algos.surgery.SurgeryError, match=r"^SelfDistillation: the student has no parameter with "
                                                          r"requires_grad=True, so there is nothing to train"):
-        algos.distill(second, teacher, [batch()], steps=1)
+        algos.distill(second, teacher, [tiny_mlm_batch()], steps=1)

@@ -14,10 +14,15 @@ from torch import nn
 
 import algos
 from algos.surgery.pretrained import RECORD_FILE, WEIGHTS_FILE, PretrainedError
-from tests.fnet.test_seq2seq import tiny_gpt2
-from tests.models import classifier_and_batch, fixed_batches
-from tests.surgery.test_composer import make_trainer
-from tests.surgery.test_copies import SURGERIES, batch, bert
+from tests.helpers import (
+    COPY_SURGERIES,
+    classifier_and_batch,
+    fixed_batches,
+    make_trainer,
+    tiny_bert_mlm,
+    tiny_gpt2,
+    tiny_mlm_batch,
+)
 
 
 def trained(model: nn.Module) -> nn.Module:
@@ -74,7 +79,7 @@ FACTORIZE_CONVS = dict(rank=8, min_channels=1, min_features=1, rank_multiple=1)
 
 
 CASES = {
-    **{f"bert {name}": (bert, surgery, lambda: batch()) for name, surgery in SURGERIES.items()},
+    **{f"bert {name}": (tiny_bert_mlm, surgery, lambda: tiny_mlm_batch()) for name, surgery in COPY_SURGERIES.items()},
     "transformer layer: FFF + FNet": (
         lambda: classifier_and_batch("encoder")[0].module,
         lambda m: (algos.apply_fff(m, depth=2, min_width=0), algos.apply_fnet_mixing(m, keep_attention_layers=[-1])),
@@ -135,8 +140,8 @@ def test_a_model_trained_with_a_composer_surgery_saves_and_loads(tmp_path):
 
 @pytest.fixture
 def saved(tmp_path):
-    model = bert()
-    SURGERIES["fnet_hybrid+fff+factorize"](model)
+    model = tiny_bert_mlm()
+    COPY_SURGERIES["fnet_hybrid+fff+factorize"](model)
     trained(model)
     return algos.save_pretrained(model, tmp_path / "saved")
 
@@ -153,7 +158,7 @@ def refused(base: nn.Module, directory, message: str) -> None:
 def test_a_directory_that_does_not_fit_is_one_line_and_the_base_is_unchanged(saved):
     from transformers import BertForMaskedLM
 
-    from tests.models import tiny_bert_config
+    from tests.helpers import tiny_bert_config
 
     refused(BertForMaskedLM(tiny_bert_config(num_hidden_layers=2)), saved,
             r"^from_pretrained: the base model has no module 'bert.encoder.layer.2.attention' \(where FNetMixing "
@@ -171,7 +176,7 @@ def test_a_directory_that_does_not_fit_is_one_line_and_the_base_is_unchanged(sav
         tampered = copy.deepcopy(weights)
         change(tampered)
         safetensors.torch.save_file(tampered, saved / WEIGHTS_FILE)
-        refused(bert(), saved, message)
+        refused(tiny_bert_mlm(), saved, message)
     safetensors.torch.save_file(weights, saved / WEIGHTS_FILE)
     record = json.loads((saved / RECORD_FILE).read_text())
     for change, message in [
@@ -184,14 +189,14 @@ def test_a_directory_that_does_not_fit_is_one_line_and_the_base_is_unchanged(sav
         tampered = copy.deepcopy(record)
         change(tampered)
         (saved / RECORD_FILE).write_text(json.dumps(tampered))
-        refused(bert(), saved, message)
+        refused(tiny_bert_mlm(), saved, message)
     (saved / RECORD_FILE).unlink()
-    refused(bert(), saved, r"algos_surgery.json' is missing; save with algos.save_pretrained$")
+    refused(tiny_bert_mlm(), saved, r"algos_surgery.json' is missing; save with algos.save_pretrained$")
 
 
 def test_saving_never_overwrites_what_it_did_not_write(tmp_path):
-    model = bert()
-    SURGERIES["factorize"](model)
+    model = tiny_bert_mlm()
+    COPY_SURGERIES["factorize"](model)
     target = tmp_path / "out"
     target.mkdir()
     (target / "notes.txt").write_text("mine")
@@ -202,7 +207,7 @@ def test_saving_never_overwrites_what_it_did_not_write(tmp_path):
     algos.save_pretrained(model, target, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == ["algos_surgery.json", "config.json", "model.safetensors",
                                                         "notes.txt"]  # a Hugging Face model: its config too
-    odd = bert()
+    odd = tiny_bert_mlm()
     odd.bert.encoder.layer[0].intermediate = nn.Bilinear(2, 2, 2)
     odd.bert.encoder.layer[0].intermediate._algos_surgery = "Mine"
     with pytest.raises(PretrainedError, match=r"^cannot save module 'bert.encoder.layer.0.intermediate': Bilinear "
@@ -243,11 +248,11 @@ def test_a_surgered_minilm_round_trips_as_a_sentence_transformer(tmp_path, hub_o
 def test_a_hugging_face_model_builds_from_the_folder_then_takes_its_surgery(tmp_path, hub_offline):
     from transformers import AutoModelForMaskedLM
 
-    model = bert()
-    SURGERIES["fnet_hybrid+fff+factorize"](model)
+    model = tiny_bert_mlm()
+    COPY_SURGERIES["fnet_hybrid+fff+factorize"](model)
     trained(model)
     algos.save_pretrained(model, tmp_path / "saved")
     base = AutoModelForMaskedLM.from_pretrained(tmp_path / "saved")  # the architecture before surgery
     with unpickling_refused():
         algos.from_pretrained(base, tmp_path / "saved")
-    assert torch.equal(base.eval()(**batch()).logits, model(**batch()).logits)
+    assert torch.equal(base.eval()(**tiny_mlm_batch()).logits, model(**tiny_mlm_batch()).logits)

@@ -14,7 +14,7 @@ from algos import FFF
 from algos.fff import QuantizedFFF
 from algos.surgery import SurgeryError
 from algos.surgery.quantize import Int8Linear, has_vnni
-from tests.surgery.test_copies import SURGERIES, batch, bert
+from tests.helpers import COPY_SURGERIES, tiny_bert_mlm, tiny_mlm_batch
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -22,11 +22,11 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.parametrize("surgery", SURGERIES)
+@pytest.mark.parametrize("surgery", COPY_SURGERIES)
 def test_quantize_dynamic_after_every_surgery_in_place_and_as_a_copy(surgery, per_channel):
-    model = bert()
-    SURGERIES[surgery](model)
-    inputs = batch()
+    model = tiny_bert_mlm()
+    COPY_SURGERIES[surgery](model)
+    inputs = tiny_mlm_batch()
     expected = model(**inputs).logits
     leaf_trees_before = sum(isinstance(m, FFF) and m.form == "leaf" for m in model.modules())
     copied = algos.quantize_dynamic(model, per_channel=per_channel, inplace=False)
@@ -46,17 +46,17 @@ def test_quantize_dynamic_after_every_surgery_in_place_and_as_a_copy(surgery, pe
 
 def test_a_healed_leaf_tree_model_quantizes_and_keeps_what_healing_bought():
     torch.manual_seed(0)
-    teacher = bert()
+    teacher = tiny_bert_mlm()
     student = copy.deepcopy(teacher)
-    SURGERIES["fff_leaf"](student)
-    batches = [batch(seed) for seed in range(4)]
-    before = cosine(student(**batch(9)).logits, teacher(**batch(9)).logits)
+    COPY_SURGERIES["fff_leaf"](student)
+    batches = [tiny_mlm_batch(seed) for seed in range(4)]
+    before = cosine(student(**tiny_mlm_batch(9)).logits, teacher(**tiny_mlm_batch(9)).logits)
     algos.distill(student, teacher, batches, steps=30, lr=3e-3)
     student.eval()
-    healed = student(**batch(9)).logits
-    assert cosine(healed, teacher(**batch(9)).logits) > before
+    healed = student(**tiny_mlm_batch(9)).logits
+    assert cosine(healed, teacher(**tiny_mlm_batch(9)).logits) > before
     quantized = algos.quantize_dynamic(student, inplace=False)
-    assert cosine(quantized(**batch(9)).logits, healed) > 0.99
+    assert cosine(quantized(**tiny_mlm_batch(9)).logits, healed) > 0.99
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -99,12 +99,12 @@ def test_a_neuron_tree_stays_float():
 
 @pytest.mark.parametrize("surgery", ["factorize", "fff_leaf", "fnet"])
 def test_surgery_on_a_quantized_model_is_a_one_line_error_and_changes_nothing(surgery):
-    model = algos.quantize_dynamic(bert())
+    model = algos.quantize_dynamic(tiny_bert_mlm())
     before = copy.deepcopy(model.state_dict())
     modules = dict(model.named_modules())
     with pytest.raises(SurgeryError, match=r"quantized module\(s\) \(e\.g\. bert\.encoder\.layer\.0\.attention\.self\."
                                            r"query: DynamicQuantizedLinear\); .*apply it to the float model") as error:
-        SURGERIES[surgery](model)
+        COPY_SURGERIES[surgery](model)
     assert "\n" not in str(error.value)
     assert dict(model.named_modules()).keys() == modules.keys()
     assert all(m is modules[name] for name, m in model.named_modules())
@@ -155,11 +155,11 @@ def test_8_bit_inputs_are_refused_in_one_line_on_a_cpu_without_vnni(monkeypatch)
 
 @needs_vnni
 def test_8_bit_inputs_after_every_surgery():
-    for surgery in SURGERIES:
-        model = bert()
-        SURGERIES[surgery](model)
-        expected = model(**batch()).logits
+    for surgery in COPY_SURGERIES:
+        model = tiny_bert_mlm()
+        COPY_SURGERIES[surgery](model)
+        expected = model(**tiny_mlm_batch()).logits
         quantized = algos.quantize_dynamic(model, per_channel=True, activation_bits=8, inplace=False)
         linears = [m for m in quantized.modules() if isinstance(m, DynamicLinear)]
         assert linears and all(type(m) is Int8Linear for m in linears)
-        assert cosine(quantized(**batch()).logits, expected) > 0.995
+        assert cosine(quantized(**tiny_mlm_batch()).logits, expected) > 0.995

@@ -11,7 +11,7 @@ from torch import nn
 from algos import apply_factorization, apply_fff
 from algos.fff.algorithm import FFFSurgery
 from algos.surgery import SurgeryError
-from tests.fff.test_apply import two_blocks_one_easy
+from tests.helpers import two_blocks_one_easy
 
 FFF_SETTINGS = dict(form="leaf", depth=1, leaf_width=16, init="dense", min_width=0)
 FACTORIZE_SETTINGS = dict(rank=8, init="activation", min_features=0)

@@ -99,7 +99,7 @@ def test_name_matches_rules():
 def test_plan_names_the_targets_without_touching_the_model():
     """SurgeryAlgorithm.plan: what surgery() would select, with no calibration and no change (the runner's check)."""
     from algos import FFFReplace, FNetMixing
-    from tests.models import classifier_and_batch
+    from tests.helpers import classifier_and_batch
 
     model, _ = classifier_and_batch("vit")
     before = {name: p.clone() for name, p in model.named_parameters()}
