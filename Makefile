@@ -18,8 +18,10 @@ demo: $(STAMP)
 	$(VENV)/bin/algos compare yamls/digits_mlp.yaml recipes/factorize.yaml recipes/fff.yaml \
 		yamls/digits_vit.yaml recipes/fnet.yaml trainer.progress_bar=false --out runs/quickstart --overwrite
 
+# --durations: the slowest tests, to keep the README's timings true; tests/conftest.py adds the tests whose `slow`
+# marker disagrees with this run's durations.
 test: $(STAMP)
-	WANDB_MODE=offline $(PY) -m pytest -q tests
+	WANDB_MODE=offline $(PY) -m pytest -q --durations=15 tests
 
 # Quick local iterations: every test but those marked slow (`make test`, which CI runs, keeps them).
 test-fast: $(STAMP)
