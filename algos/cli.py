@@ -29,8 +29,8 @@ def parse(command: str, argv: list[str]) -> argparse.Namespace:
 
 
 def load(args: argparse.Namespace):
+    from algos.run.build import default_name
     from algos.run.config import load_config
-    from algos.run.runner import default_name
 
     config = load_config(args.paths, args.overrides)
     if not config.run.name:
@@ -62,7 +62,7 @@ def run_command(command: str, argv: list[str]) -> None:
 
             run(load(args), show_config=True)
         elif command == "inspect":
-            from algos.run.runner import inspect_config
+            from algos.run.inspection import inspect_config
 
             print(inspect_config(load(args)))
         else:

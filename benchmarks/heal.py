@@ -50,7 +50,7 @@ from algos.bench import markdown_table, run_parts, time_forward, timed_rows
 from algos.fff import FFF
 from algos.run.data import DATA
 from algos.run.metrics import EmbeddingCosine, SimilaritySpearman
-from algos.run.models import MODELS, mean_pool
+from algos.run.models import MODELS, unit_embeddings
 
 TARGETS = {"Factorize 25%": 0.97, "FFF": 0.95, "FNet-Hybrid": 0.93, "all-FNet": 0.85}
 FFF_CHOICES = {"neuron8": dict(depth=8, form="neuron"), "neuron6": dict(depth=6, form="neuron"),
@@ -112,7 +112,7 @@ def held_out_batches(loader, limit: int | None) -> list[dict]:
 def embed(net: nn.Module, batches: list[dict]) -> torch.Tensor:
     was = net.training
     net.eval()
-    out = torch.cat([mean_pool(net(**batch).last_hidden_state, batch["attention_mask"]) for batch in batches])
+    out = torch.cat([unit_embeddings(net(**batch).last_hidden_state, batch["attention_mask"]) for batch in batches])
     net.train(was)
     return out
 

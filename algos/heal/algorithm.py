@@ -1,4 +1,4 @@
-"""``SelfDistillation``: the distillation loss of ``algos.heal.distill`` as a Composer algorithm, against a frozen
+"""``SelfDistillation``: the distillation loss of ``algos.heal.loss`` as a Composer algorithm, against a frozen
 teacher that is, by default, the model as it was right before the run's first surgery."""
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from composer.loggers import Logger
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from algos.heal.capture import HiddenCapture, matched_boundaries
 from algos.heal.config import DistillConfig
-from algos.heal.distill import HiddenCapture, call, distillation_loss, matched_boundaries, teacher_bytes
+from algos.heal.loss import distillation_loss
 from algos.surgery.algorithm import SurgeryAlgorithm
-from algos.surgery.batches import eval_mode, is_encoder_decoder
+from algos.surgery.batches import call_model, eval_mode, is_encoder_decoder
 from algos.surgery.config import fields_help
 from algos.surgery.resume import REBUILD_KEY, load_model
 from algos.surgery.skeleton import materialize, meta_copy
@@ -29,7 +30,7 @@ TEACHER_KEY = "algos_distill_teacher"
 
 
 class SelfDistillation(Algorithm):
-    """Adds the self-distillation loss (``algos.heal.distill``) to the training loss at ``Event.AFTER_LOSS``::
+    """Adds the self-distillation loss (``algos.heal.loss``) to the training loss at ``Event.AFTER_LOSS``::
 
         loss = task_weight * loss + hidden_weight * mean_b MSE(h_b, h_b^teacher) + logit_weight * T^2 * KL(...)
                + embedding_weight * mean_i (1 - cos(e_i, e_i^teacher))
@@ -96,7 +97,11 @@ class SelfDistillation(Algorithm):
 
     @property
     def teacher_bytes(self) -> int:
-        return teacher_bytes(self.teacher) if self.teacher is not None else 0
+        """The teacher's memory: its parameters and buffers, in bytes."""
+        if self.teacher is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in itertools.chain(self.teacher.parameters(),
+                                                                          self.teacher.buffers()))
 
     # -- Composer
     def match(self, event: Event, state: State) -> bool:
@@ -153,7 +158,7 @@ class SelfDistillation(Algorithm):
         if _device_of(self.teacher) != device:
             self.teacher.to(device)
         with torch.no_grad(), eval_mode(self.teacher), get_precision_context(state.precision):
-            teacher_output = call(self.teacher, state.batch)
+            teacher_output = call_model(self.teacher, state.batch)
         extra = distillation_loss(state.outputs, teacher_output, self._student.outputs, self._teacher_capture.outputs,
                                   self.config, state.batch, encoder_decoder=is_encoder_decoder(self.teacher))
         self._student.outputs.clear()

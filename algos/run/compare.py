@@ -17,11 +17,12 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from tabulate import tabulate
 
+from algos.run.build import build, default_name
 from algos.run.config import load_config
 from algos.run.quality import TimeToQuality, quality_curve, time_to_quality
 from algos.run.registry import ConfigError
 from algos.run.rundir import run_lock
-from algos.run.runner import build, check_run_dir, default_name, run
+from algos.run.runner import check_run_dir, run
 
 
 def split_groups(paths: list[str]) -> list[tuple[str, list[str]]]:

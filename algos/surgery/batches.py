@@ -42,14 +42,13 @@ def is_encoder_decoder(model: nn.Module) -> bool:
 
 def call_model(model: nn.Module, batch):
     """Run a batch through a model: a ComposerModel takes the batch whole, a plain module takes a tensor, a tuple
-    of positional arguments, or a dict of keyword arguments (HF style)."""
-    with torch.no_grad():
-        if isinstance(model, ComposerModel) or isinstance(batch, torch.Tensor):
-            return model(batch)
-        if isinstance(batch, dict):
-            return model(**batch)
-        if isinstance(batch, (tuple, list)):
-            return model(*batch)
+    of positional arguments, or a dict of keyword arguments (HF style). Gradients as the caller's context says."""
+    if isinstance(model, ComposerModel) or isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
     raise TypeError(f"cannot call the model with a batch of type {type(batch).__name__}; "
                     "pass a tensor, a tuple of tensors, or a dict of keyword arguments")
 

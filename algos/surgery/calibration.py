@@ -72,7 +72,7 @@ def run_calibration(
                for fqn, module in modules.items()]
     count = 0
     try:
-        with eval_mode(model):
+        with eval_mode(model), torch.no_grad():
             for batch in as_batches(calibration):
                 if max_batches is not None and count >= max_batches:
                     break

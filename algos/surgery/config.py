@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from algos.surgery.errors import SurgeryError
+from algos.surgery.errors import AlgorithmError, SurgeryError
 from algos.surgery.targets import FilterFn, ModuleNames, check_selection
 
 
@@ -38,6 +38,7 @@ class SurgeryConfig:
     fields with :func:`setting`, and checks them in :meth:`check` (run once, on construction)."""
 
     algorithm: ClassVar[str] = "Surgery"
+    error_type: ClassVar[type[AlgorithmError]] = SurgeryError  # what ``error`` makes
 
     def __post_init__(self):
         self.check()
@@ -45,8 +46,8 @@ class SurgeryConfig:
     def check(self) -> None:
         """Raise ``self.error(...)`` for a bad value."""
 
-    def error(self, message: str) -> SurgeryError:
-        return SurgeryError(self.algorithm, message)
+    def error(self, message: str) -> AlgorithmError:
+        return self.error_type(self.algorithm, message)
 
     @property
     def calibration_needed(self) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+import torch
 from tabulate import tabulate
 from torch import nn
 
@@ -137,7 +138,7 @@ def measure_macs(reports: list[SurgeryReport], model: nn.Module, inputs) -> None
                for report in reports for fqn, (old_skeleton, new_module) in report._unmeasured.items()]
     try:
         if handles:
-            with eval_mode(model):
+            with eval_mode(model), torch.no_grad():
                 call_model(model, inputs)
     finally:
         for handle in handles:

@@ -11,10 +11,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from algos import Factorize, NoEffectWarning, apply_factorization
+from algos.run.build import build
 from algos.run.config import load_config
 from algos.run.models import MODELS
 from algos.run.registry import ConfigError
-from algos.run.runner import build
 from tests.helpers import layers_that_stay_dense
 
 ROOT = Path(__file__).resolve().parents[2]

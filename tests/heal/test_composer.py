@@ -11,7 +11,7 @@ from transformers.models.bert.modeling_bert import BertAttention
 
 from algos import FNetMixing, SelfDistillation
 from algos.fnet import FourierBertAttention
-from algos.surgery import SurgeryError
+from algos.heal import DistillError
 from tests.helpers import make_trainer, tiny_mlm_and_batch
 
 
@@ -143,13 +143,13 @@ def test_a_checkpoint_teacher_loads_and_a_bad_one_is_a_one_line_error(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     fresh, _ = tiny_mlm_and_batch()
     before = copy.deepcopy(fresh.state_dict())
-    with pytest.raises(SurgeryError, match="does not load into this model") as error:
+    with pytest.raises(DistillError, match="does not load into this model") as error:
         make_trainer(fresh, loader(batch), tmp_path / "bad", [SelfDistillation(teacher=str(bad)),
                                                               FNetMixing(keep_attention_layers=[-1])])
     assert "\n" not in str(error.value)
     assert attention_types(fresh) == [BertAttention] * 4
     assert all(torch.equal(value, before[key]) for key, value in fresh.state_dict().items())
-    with pytest.raises(SurgeryError, match="is no checkpoint file"):
+    with pytest.raises(DistillError, match="is no checkpoint file"):
         SelfDistillation(teacher=str(tmp_path / "missing.pt"))
 
 
@@ -158,7 +158,7 @@ def test_a_teacher_without_the_students_boundaries_fails_before_training(tmp_pat
     before = copy.deepcopy(model.state_dict())
     trainer = make_trainer(model, loader(batch), tmp_path, [SelfDistillation(teacher=torch.nn.Linear(2, 2))],
                            max_duration="2ba")
-    with pytest.raises(SurgeryError, match="the teacher has no module 'model.bert.encoder.layer.0'"):
+    with pytest.raises(DistillError, match="the teacher has no module 'model.bert.encoder.layer.0'"):
         trainer.fit()
     assert int(trainer.state.timestamp.batch) == 0
     assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())

@@ -2,17 +2,20 @@
 pure distillation without labels, and one-line errors before anything changes."""
 
 import copy
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import BertForMaskedLM, BertModel
 
 from algos import apply_fnet_mixing, distill
-from algos.heal import DistillConfig, boundary_names, distillation_loss
-from algos.heal.distill import HiddenCapture, call, learning_rate_factor, sentence_embeddings
-from algos.run.models import mean_pool
-from algos.surgery import SurgeryError
+from algos.heal import DistillConfig, DistillError, DistillLoop, boundary_names, distillation_loss
+from algos.heal.capture import HiddenCapture
+from algos.heal.distill import learning_rate_schedule
+from algos.heal.loss import sentence_embeddings
+from algos.surgery.batches import call_model as call
 from tests.helpers import tiny_bert_config
 
 
@@ -105,10 +108,12 @@ def test_embedding_term_is_one_minus_the_cosine_of_mean_pooled_sentence_embeddin
         student_output, teacher_output = call(student, batch), call(teacher, batch)
         loss = distillation_loss(student_output, teacher_output, {}, {},
                                  DistillConfig(hidden_weight=0, logit_weight=0, embedding_weight=2.0), batch)
-    # reference: sentence-transformers' pooling (the runner's mean_pool), then the cosine of the unit vectors
-    mask = batch["attention_mask"]
-    cosine = (mean_pool(student_output.last_hidden_state, mask)
-              * mean_pool(teacher_output.last_hidden_state, mask)).sum(-1)
+    # reference: sentence-transformers' pooling, one sentence at a time (the mean of its real tokens' states), then
+    # the cosine of the unit vectors
+    def pooled(hidden):
+        rows = zip(hidden, batch["attention_mask"], strict=True)
+        return torch.stack([F.normalize(h[m.bool()].mean(0), dim=0) for h, m in rows])
+    cosine = (pooled(student_output.last_hidden_state) * pooled(teacher_output.last_hidden_state)).sum(-1)
     assert loss.item() == pytest.approx(2.0 * (1 - cosine).mean().item(), rel=1e-5)
     assert loss.item() > 1e-3
     pads_changed = {**batch, "input_ids": batch["input_ids"].clone()}
@@ -126,25 +131,26 @@ def test_embedding_only_distillation_trains():
     assert history[0] > 0 and history[-1] < 0.5 * history[0]
 
 
-@pytest.mark.filterwarnings("ignore:The epoch parameter")  # SequentialLR, the reference, warns inside torch
+@pytest.mark.filterwarnings("ignore:The epoch parameter")  # SequentialLR warns inside torch
+@pytest.mark.parametrize("warmup", [0, 1, 5])
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
-def test_learning_rate_schedule_equals_torchs_schedulers(schedule):
-    """Warm-up then decay, against torch's own schedulers chained the same way (SequentialLR)."""
-    steps, warmup = 20, 5
-    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    decay = {"constant": lambda o: torch.optim.lr_scheduler.ConstantLR(o, factor=1.0),
-             "linear": lambda o: torch.optim.lr_scheduler.LinearLR(o, 1.0, 0.0, total_iters=steps - warmup),
-             "cosine": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=steps - warmup)}[schedule]
-    reference = torch.optim.lr_scheduler.SequentialLR(
-        optimizer, [torch.optim.lr_scheduler.LinearLR(optimizer, 1 / warmup, 1.0, total_iters=warmup - 1),
-                    decay(optimizer)], milestones=[warmup])
-    expected = []
+def test_learning_rate_schedule_is_warm_up_then_decay(schedule, warmup):
+    """torch's schedulers as chained by distill, against the equation in learning_rate_schedule's docstring."""
+    steps, lr = 20, 0.5
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = learning_rate_schedule(optimizer, DistillLoop(steps=steps, schedule=schedule, warmup_steps=warmup))
+    seen = []
     for _ in range(steps):
-        expected.append(optimizer.param_groups[0]["lr"])
+        seen.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
-        reference.step()
-    ours = [learning_rate_factor(step, schedule=schedule, warmup=warmup, steps=steps) for step in range(steps)]
-    assert ours == pytest.approx(expected, abs=1e-6)
+        scheduler.step()
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / (steps - warmup)
+        return {"constant": 1.0, "linear": 1 - progress, "cosine": (1 + math.cos(math.pi * progress)) / 2}[schedule]
+    assert seen == pytest.approx([lr * factor(step) for step in range(steps)], abs=1e-6)
 
 
 def test_callback_sees_every_step_and_schedule_is_applied():
@@ -191,7 +197,7 @@ def test_bad_input_is_a_one_line_error_with_nothing_changed(case):
     else:
         kwargs, message = {"task_weight": 1.0}, "needs the model's own loss"
     before = weights(student)
-    with pytest.raises(SurgeryError, match=message) as error:
+    with pytest.raises(DistillError, match=message) as error:
         distill(student, teacher, batches, steps=2, **kwargs)
     assert "\n" not in str(error.value)
     assert all(torch.equal(value, before[key]) for key, value in student.state_dict().items())
@@ -210,7 +216,7 @@ def test_bad_input_is_a_one_line_error_with_nothing_changed(case):
                                                                        r"steps=1\)")])
 def test_bad_settings_are_one_line_errors(kwargs, message):
     model = bert()
-    with pytest.raises(SurgeryError, match=message):
+    with pytest.raises(DistillError, match=message):
         distill(model, copy.deepcopy(model), unlabeled(1), **{"steps": 1, **kwargs})
 
 
@@ -236,7 +242,7 @@ def test_the_defaults_are_the_measured_recipe_with_the_embedding_term_for_an_enc
 
 def test_embedding_weight_none_on_a_model_with_logits_and_no_other_weight_says_why_nothing_is_distilled():
     model = bert()
-    with pytest.raises(SurgeryError, match=r"embedding_weight=None leaves the embedding term off .*nothing to "
+    with pytest.raises(DistillError, match=r"embedding_weight=None leaves the embedding term off .*nothing to "
                                            r"distill; set embedding_weight or another weight > 0\.$"):
         distill(model, copy.deepcopy(model), unlabeled(1), steps=1, hidden_weight=0, logit_weight=0)
 

@@ -14,10 +14,11 @@ import torch
 import wandb
 
 import algos
-from algos.run import runner
+from algos.run import build as run_build
 from algos.run.config import load_config
 from algos.run.registry import ConfigError
-from algos.run.runner import MARKER, RunStats, run
+from algos.run.runner import MARKER, run
+from algos.run.stats import RunStats
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["model.width=32", "model.hidden=64", "data.batch_size=32", "trainer.progress_bar=false",
@@ -262,7 +263,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_behind(tmp_
     assert "run.resume" not in err and wandb.run is None
     assert snapshot(run_dir) == before and sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
 
-    monkeypatch.setattr(runner, "_check_duration", lambda trainer: None)  # as if the runner did not check it
+    monkeypatch.setattr(run_build, "_check_duration", lambda trainer: None)  # as if the runner did not check it
     with pytest.raises(ConfigError, match=r"^trainer: The max_duration \(0ba\) is less than or equal to the elapsed "
                                           r"training duration \(0ba\).* \(found at batch 0, before a checkpoint: its "
                                           r"run directory is removed\)$") as error:
@@ -321,7 +322,7 @@ def test_a_plain_composer_trainer_saves_whole_checkpoints_too(tmp_path, monkeypa
 
 def test_export_turns_a_run_into_a_safe_directory_that_loads_without_unpickling(tmp_path, capsys):
     from algos.cli import main
-    from algos.run.runner import build
+    from algos.run.build import build
 
     run_dir = tmp_path / "run"
     run(config(run_dir, "algorithms.fff.min_width=0", recipe="fff.yaml"), quiet=True)

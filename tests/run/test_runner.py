@@ -4,6 +4,7 @@ offline run holds the surgery report, ``inspect`` reports without training, ``co
 and a 2-process DDP run works through Composer's launcher."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -17,9 +18,10 @@ from PIL import Image
 from algos.cli import main
 from algos.run.compare import comparison_table
 from algos.run.config import load_config
+from algos.run.inspection import inspect_config
 from algos.run.registry import ConfigError
 from algos.run.rundir import run_lock
-from algos.run.runner import inspect_config, run
+from algos.run.runner import run
 from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -273,7 +275,8 @@ def test_two_process_ddp_run_through_composers_launcher(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["batches"] == 3
     assert summary["samples"] == 2 * 3 * 64  # each process trained its own batches of 64
-    assert summary["surgery"][0]["totals"]["replaced"] == 2 and summary["samples_per_s"] > 0
+    assert summary["surgery"][0]["totals"]["replaced"] == 2
+    assert math.isfinite(summary["samples_per_s"])  # batches 2-3 timed (nan if none was)
     assert (run_dir / "checkpoints" / "ep0-ba3-rank0.pt").exists() and (run_dir / "config.yaml").exists()
 
 

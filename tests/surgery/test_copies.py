@@ -91,6 +91,6 @@ def test_distill_leaves_the_teacher_and_the_students_modes_as_they_were():
     algos.apply_factorization(second, rank=0.5, min_features=1)
     assert len(algos.distill(second, teacher, [tiny_mlm_batch()], steps=1, lr=1e-3)) == 1
     second.requires_grad_(False)
-    with pytest.raises(algos.surgery.SurgeryError, match=r"^SelfDistillation: the student has no parameter with "
+    with pytest.raises(algos.heal.DistillError, match=r"^SelfDistillation: the student has no parameter with "
                                                          r"requires_grad=True, so there is nothing to train"):
         algos.distill(second, teacher, [tiny_mlm_batch()], steps=1)
