@@ -37,6 +37,7 @@ from algos.surgery.fit import fit_to_outputs
 from algos.surgery.replace import SkipModule
 from algos.surgery.report import SurgeryReport
 from algos.surgery.surgery import Surgery, Targets, run_surgery, settings_signature, split_settings
+from algos.surgery.yaml_names import yaml_name
 
 
 @dataclass
@@ -349,6 +350,7 @@ Replace Linear / Conv1d / Conv2d / HF Conv1D layers of ``model`` by low-rank fac
     block, its errors (``block_fit_error_before`` / ``_after``) on the row of its second layer.""")
 
 
+@yaml_name("factorize")
 class Factorize(SurgeryAlgorithm):
     """Composer form of :func:`apply_factorization`; takes Composer's ``Factorize`` arguments too (keywords only).
 

@@ -30,6 +30,7 @@ from algos.surgery.replace import SkipModule
 from algos.surgery.report import SurgeryReport
 from algos.surgery.surgery import Surgery, Targets, settings_signature
 from algos.surgery.targets import converted_by, name_matches
+from algos.surgery.yaml_names import yaml_name
 
 _FUNCTIONAL_ACTIVATIONS = {F.gelu: "gelu", F.relu: "relu", F.silu: "silu", torch.tanh: "tanh"}
 
@@ -324,6 +325,7 @@ settings_signature(apply_fff, FFFConfig, doc="""Replace dense feed-forward block
     warning, or with ``strict`` the error, says how to wrap it or build the ``FFF`` directly).""")
 
 
+@yaml_name("fff")
 class FFFReplace(SurgeryAlgorithm):
     """Composer form of :func:`apply_fff`, plus the training aids trees need (``hardening``, ``hardening_ramp``,
     ``hard_training_at``, ``log_interval``: see :class:`algos.fff.training.FFFTraining`, which this delegates to).

@@ -24,12 +24,14 @@ from torch import nn
 from algos.fff.tree import FFF
 from algos.surgery.algorithm import parse_time, time_reached
 from algos.surgery.errors import SurgeryError
+from algos.surgery.yaml_names import yaml_name
 
 # Where the hard-training switch is checked: when trees may have just appeared (a surgery at INIT, FIT_START, a
 # batch or an epoch end; FIT_START also after resuming) and after every batch.
 _SWITCH_EVENTS = (Event.INIT, Event.FIT_START, Event.BATCH_END, Event.EPOCH_END)
 
 
+@yaml_name("fff_training")
 class FFFTraining(Algorithm):
     """The hardening loss, the hard-training switch and usage logging for the model's ``FFF`` trees.
 

@@ -17,6 +17,7 @@ from algos.surgery.calibration import run_calibration, token_rows
 from algos.surgery.replace import SkipModule
 from algos.surgery.report import SurgeryReport
 from algos.surgery.surgery import Surgery, settings_signature
+from algos.surgery.yaml_names import yaml_name
 
 
 class FNetSurgery(Surgery):
@@ -122,6 +123,7 @@ settings_signature(apply_fnet_mixing, FNetConfig, doc="""Swap self-attention in 
     Cross-attention always stays attention (skipped, with the reason in the report).""")
 
 
+@yaml_name("fnet")
 class FNetMixing(SurgeryAlgorithm):
     """Composer form of :func:`apply_fnet_mixing` (at ``Event.INIT``, or at ``apply_at``)."""
 

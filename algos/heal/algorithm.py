@@ -24,11 +24,13 @@ from algos.surgery.batches import call_model, eval_mode, is_encoder_decoder
 from algos.surgery.config import fields_help
 from algos.surgery.resume import REBUILD_KEY, load_model
 from algos.surgery.skeleton import materialize, meta_copy
+from algos.surgery.yaml_names import yaml_name
 
 # Key of SelfDistillation's checkpoint entry: the settings, the teacher's weightless copy and its weights.
 TEACHER_KEY = "algos_distill_teacher"
 
 
+@yaml_name("self_distillation")
 class SelfDistillation(Algorithm):
     """Adds the self-distillation loss (``algos.heal.loss``) to the training loss at ``Event.AFTER_LOSS``::
 

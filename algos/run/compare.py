@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from tabulate import tabulate
 
 from algos.run.build import build, default_name
-from algos.run.config import load_config
+from algos.run.config import load_config, recipe_header
 from algos.run.quality import TimeToQuality, quality_curve, time_to_quality
 from algos.run.registry import ConfigError
 from algos.run.rundir import run_lock
@@ -34,8 +34,10 @@ def split_groups(paths: list[str]) -> list[tuple[str, list[str]]]:
         if "model" in (OmegaConf.load(path) or {}):
             groups.append((path, []))
         elif not groups:
+            base = recipe_header(path).get("base")
+            hint = f", e.g. its header's {base}" if base else ""
             raise ConfigError(f"{path} has no model: section, so it is a recipe; give a base YAML (one with model:, "
-                              f"see yamls/) before it")
+                              f"see yamls/) before it{hint}")
         else:
             groups[-1][1].append(path)
     if not groups:

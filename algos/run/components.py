@@ -17,8 +17,9 @@ import torch
 from composer.core import Algorithm
 from composer.loggers import ConsoleLogger, FileLogger, WandBLogger
 
-from algos import Factorize, FFFReplace, FFFTraining, FNetMixing, SelfDistillation, SwapLinear
+import algos  # noqa: F401  (every algorithm of the suite registers its YAML name on import)
 from algos.run.registry import Registry
+from algos.surgery.yaml_names import YAML_NAMES
 
 OPTIMIZERS = Registry("optimizer")
 SCHEDULERS = Registry("scheduler")
@@ -42,13 +43,10 @@ for _name in composer.optim.__all__:
     if _name.endswith("Scheduler") and _name != "ComposerScheduler":
         SCHEDULERS.register(snake_case(_name[: -len("Scheduler")]), getattr(composer.optim, _name))
 
-# Ours first; Composer's own Factorize (which re-initialises the factors) stays reachable as composer_factorize.
-ALGORITHMS.register("factorize", Factorize)
-ALGORITHMS.register("fff", FFFReplace)
-ALGORITHMS.register("fff_training", FFFTraining)  # the trees' training aids alone (FFFReplace includes them)
-ALGORITHMS.register("fnet", FNetMixing)
-ALGORITHMS.register("swap_linear", SwapLinear)
-ALGORITHMS.register("self_distillation", SelfDistillation)  # healing: distills from the model before surgery
+# Ours first, under the names their packages declare (@yaml_name; importing algos imports them all); Composer's
+# own Factorize (which re-initialises the factors) stays reachable as composer_factorize.
+for _name, _class in YAML_NAMES.items():
+    ALGORITHMS.register(_name, _class)
 for _name in composer.algorithms.__all__:
     _class = getattr(composer.algorithms, _name)
     if isinstance(_class, type) and issubclass(_class, Algorithm):

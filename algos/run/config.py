@@ -60,6 +60,23 @@ def load_config(paths: list[str], overrides: list[str] = ()) -> DictConfig:
     return config
 
 
+HEADER_KEYS = {"base": "the base YAML the recipe is made for and tested on (tests/run/test_runner.py)",
+               "smoke": "overrides that shorten the recipe's two-batch smoke test (e.g. fewer fit steps)"}
+
+
+def recipe_header(path: str | Path) -> dict[str, str]:
+    """The ``# key: value`` lines of a recipe's top comment whose key is in ``HEADER_KEYS``: what a recipe says about
+    itself (``# base: yamls/minilm_sentences.yaml``) without being part of the run's config."""
+    header = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        key, _, value = line[1:].strip().partition(":")
+        if key in HEADER_KEYS and value.strip():
+            header[key] = value.strip()
+    return header
+
+
 def _yaml_syntax_error(path: str, error: yaml.MarkedYAMLError) -> str:
     """E.g. ``base.yaml:4:8: YAML syntax error: did not find expected ',' or ']' (while parsing a flow sequence at
     3:10)``."""

@@ -16,6 +16,7 @@ from algos.surgery.report import Replaced, SurgeryReport, count_params
 from algos.surgery.resume import load_model
 from algos.surgery.surgery import Surgery, apply_surgery, plan_surgery, run_surgery, settings_signature
 from algos.surgery.targets import Skip, converted_by, name_matches, select_targets
+from algos.surgery.yaml_names import yaml_name
 
 __all__ = [
     "Surgery", "SurgeryConfig", "Selection", "setting", "SurgeryError", "SurgeryAlgorithm", "run_surgery",
@@ -23,7 +24,7 @@ __all__ = [
     "SurgeryReport", "Replaced", "Skip", "SkipModule", "Rewrite", "InstallsIntoParent", "CountsOwnMacs",
     "apply_surgery", "replace_modules", "select_targets", "name_matches", "converted_by", "count_macs",
     "count_params", "load_model", "parse_time", "time_reached", "save_pretrained", "from_pretrained",
-    "PretrainedError", "quantize_dynamic", "quantized_modules", "register_quantized",
+    "PretrainedError", "quantize_dynamic", "quantized_modules", "register_quantized", "yaml_name",
 ]
 
 _checkpoint_files.install()  # every Composer checkpoint in this process appears whole or not at all

@@ -20,6 +20,7 @@ from algos.surgery.config import SurgeryConfig, setting
 from algos.surgery.pretrained import SPECS
 from algos.surgery.report import SurgeryReport
 from algos.surgery.surgery import Surgery, settings_signature
+from algos.surgery.yaml_names import yaml_name
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ settings_signature(apply_swap_linear, SwapLinearConfig, doc="Swap ``nn.Linear`` 
                    "``SwappedLinear`` ones holding the same weights, in place; returns the report.")
 
 
+@yaml_name("swap_linear")
 class SwapLinear(SurgeryAlgorithm):
     """Composer form of :func:`apply_swap_linear`."""
 

@@ -11,6 +11,7 @@ from algos.run.components import ALGORITHMS, CALLBACKS, LOGGERS, OPTIMIZERS, SCH
 from algos.run.data import DATA, corrupt_spans, python_docs_corpus
 from algos.run.models import EOS_ID, MODELS, PAD_ID, InputSpec, token_counter
 from algos.run.registry import ConfigError
+from algos.surgery.yaml_names import YAML_NAMES, yaml_name
 
 SMALL_MODELS = {
     "mlp": {"width": 32, "hidden": 64},
@@ -198,6 +199,18 @@ def test_component_names_and_errors():
         SCHEDULERS.build("linear_with_warmup", {}, "scheduler")
     with pytest.raises(ConfigError, match=r"^algorithms.fff \(fff\): FFFReplace: depth=-1"):
         ALGORITHMS.build("fff", {"depth": -1}, "algorithms.fff")
+
+
+def test_each_algorithm_registers_its_yaml_name_from_its_own_package():
+    import algos
+
+    expected = {"factorize": algos.Factorize, "fff": algos.FFFReplace, "fff_training": algos.FFFTraining,
+                "fnet": algos.FNetMixing, "swap_linear": algos.SwapLinear, "self_distillation": algos.SelfDistillation}
+    assert YAML_NAMES == expected
+    assert all(ALGORITHMS.get(name, "") is cls for name, cls in expected.items())
+    with pytest.raises(ValueError, match="YAML name 'fff' is taken by algos.fff.algorithm.FFFReplace"):
+        yaml_name("fff")(type("MyTree", (), {}))
+    assert YAML_NAMES == expected
 
 
 def test_empty_image_folders_and_unreachable_hub_names_are_one_line(tmp_path, monkeypatch):

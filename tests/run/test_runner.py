@@ -17,7 +17,7 @@ from PIL import Image
 
 from algos.cli import main
 from algos.run.compare import comparison_table
-from algos.run.config import load_config
+from algos.run.config import load_config, recipe_header
 from algos.run.inspection import inspect_config
 from algos.run.registry import ConfigError
 from algos.run.rundir import run_lock
@@ -35,21 +35,9 @@ TWO_BATCHES = ["trainer.max_duration=2ba", "trainer.eval_interval=2ba", "trainer
 SMALL_BERT = "{num_hidden_layers: 4, hidden_size: 64, num_attention_heads: 2, intermediate_size: 256}"
 OFFLINE_MODEL = {"bert_base_mlm.yaml": [f"model.config={SMALL_BERT}"],
                  "bert_glue.yaml": [f"model={{name: bert_classifier, config: {SMALL_BERT}, num_labels: 2}}"]}
-# Each recipe on a baseline it fits (the quick-start compare test covers the digits pairs).
-RECIPE_BASE = {"factorize.yaml": "resnet56_cifar10.yaml", "fff.yaml": "vit_cifar10.yaml",
-               "fnet.yaml": "vit_cifar10.yaml", "fnet_hybrid.yaml": "bert_glue.yaml",
-               "fast_bert.yaml": "bert_base_mlm.yaml", "fnet_encoder.yaml": "bart_span_corruption.yaml",
-               "fnet_encoder_hybrid.yaml": "bart_span_corruption.yaml", "fnet_prefix_lm.yaml": "gpt2_prefix_lm.yaml",
-               "self_distill.yaml": "bert_base_mlm.yaml", "heal_factorize.yaml": "minilm_sentences.yaml",
-               "heal_fff.yaml": "minilm_sentences.yaml", "heal_fnet_hybrid.yaml": "minilm_sentences.yaml",
-               "heal_fnet.yaml": "minilm_sentences.yaml", "heal_fff_wide.yaml": "minilm_sentences.yaml",
-               "heal_fnet_hybrid_fff.yaml": "minilm_sentences.yaml"}
-# Recipes whose fitting would dominate a two-batch smoke run: fewer fit steps (the fitting has its own tests).
-SMOKE_OVERRIDES = {"heal_factorize.yaml": ["algorithms.factorize.fit_steps=2"],
-                   "heal_fff.yaml": ["algorithms.fff.fit_steps=2"],
-                   "heal_fff_wide.yaml": ["algorithms.fff.fit_steps=2"],
-                   "heal_fnet_hybrid_fff.yaml": ["algorithms.fff.fit_steps=2"],
-                   "fast_bert.yaml": ["algorithms.fff.min_width=0"]}  # the offline BERT is 64 wide
+# Each recipe on the baseline its header names (`# base: ...`; the quick-start compare test covers the digits pairs),
+# with its header's `# smoke: ...` overrides.
+RECIPE_BASE = {r: Path(recipe_header(ROOT / "recipes" / r).get("base", "")).name for r in RECIPES}
 # The seq2seq / prefix-LM runs keep their own offline data (span corruption of Python's docs, built in a second),
 # with a short timed generation.
 REAL_DATA = {"bart_span_corruption.yaml", "gpt2_prefix_lm.yaml"}
@@ -62,13 +50,13 @@ def smoke_config(files, tmp_path, *extra):
     base = Path(files[0]).name
     paths = [str(ROOT / ("yamls" if i == 0 else "recipes") / f) for i, f in enumerate(files)]
     data = ["data.batch_size=2", "run.generate_tokens=4"] if base in REAL_DATA else [SYNTHETIC]
-    overrides = [item for name in files[1:] for item in SMOKE_OVERRIDES.get(Path(name).name, [])]
+    overrides = [item for name in files[1:] for item in recipe_header(ROOT / "recipes" / name).get("smoke", "").split()]
     return load_config(paths, [*data, *TWO_BATCHES, *OFFLINE_MODEL.get(base, []), *overrides, "run.name=t",
                                f"run.dir={tmp_path / 'run'}", *extra])
 
 
-def test_every_recipe_has_a_smoke_base():
-    assert sorted(RECIPE_BASE) == RECIPES and set(RECIPE_BASE.values()) <= set(YAMLS)
+def test_every_recipe_names_its_base_in_its_header():
+    assert set(RECIPE_BASE.values()) <= set(YAMLS), RECIPE_BASE
     assert {"digits_mlp.yaml", "digits_vit.yaml", "resnet56_cifar10.yaml", "resnet50_imagenet.yaml",
             "bert_base_mlm.yaml", "bert_glue.yaml", "vit_cifar10.yaml"} <= set(YAMLS)
     for path in [*(ROOT / "yamls").glob("*.yaml"), *(ROOT / "recipes").glob("*.yaml")]:
@@ -250,7 +238,8 @@ def test_compare_checks_every_config_before_the_first_run(tmp_path):
         main(["compare", str(ROOT / "yamls/digits_mlp.yaml"), str(ROOT / "recipes/fnet.yaml"),
               "--out", str(tmp_path / "cmp")])
     assert not (tmp_path / "cmp").exists()
-    with pytest.raises(SystemExit, match="recipes/fff.yaml has no model: section, so it is a recipe"):
+    with pytest.raises(SystemExit, match="recipes/fff.yaml has no model: section, so it is a recipe; give a base "
+                                         r"YAML .* before it, e.g. its header's yamls/vit_cifar10.yaml$"):
         main(["compare", str(ROOT / "recipes/fff.yaml"), "--out", str(tmp_path / "cmp")])
     with run_lock(tmp_path / "cmp"):  # another comparison into the same folder (flock: also from this process)
         with pytest.raises(SystemExit, match=rf"^algos compare: --out '{tmp_path / 'cmp'}' is in use by another "
