@@ -101,8 +101,10 @@ class FactorizeSurgery(Surgery):
         if self.config.composer_latent is not None:
             return handler.latent_rank(layer, self.config)
         limit, rank = min(handler.dense_shape(layer)), self.config.rank_or_default
-        wanted = math.ceil(rank * limit) if isinstance(rank, float) else rank  # r = ceil(f min(d_in, d_out))
-        return round_rank(min(wanted, limit), self.config.rank_multiple, limit)
+        if isinstance(rank, int):  # the rank asked for, as given
+            return min(rank, limit)
+        # a fraction f: r = ceil(f min(d_in, d_out)), rounded up to a multiple of rank_multiple
+        return round_rank(min(math.ceil(rank * limit), limit), self.config.rank_multiple, limit)
 
     def require_calibration(self, calibration) -> None:
         if self.config.init == "activation" and calibration is None:

@@ -29,8 +29,9 @@ class ComposerLatent(NamedTuple):
 class FactorizeConfig(SurgeryConfig):
     algorithm = "Factorize"
 
-    rank: int | float | None = setting(None, "per-layer rank: an int, or a float in (0, 1] as a fraction of "
-                                             "min(d_in, d_out), rounded up to rank_multiple; None: 0.25, unless "
+    rank: int | float | None = setting(None, "per-layer rank: an int is the rank of every layer, as given (at most "
+                                             "min(d_in, d_out)); a float in (0, 1] a fraction of min(d_in, d_out), "
+                                             "rounded up to a multiple of rank_multiple; None: 0.25, unless "
                                              "Composer's latent_* are given")
     init: str = setting("svd", "'svd' (truncated SVD of the weight), 'activation' (SVD whitened by the input second "
                                "moment on calibration: the best rank-r layer for those inputs), or 'random' (fresh "
@@ -39,7 +40,8 @@ class FactorizeConfig(SurgeryConfig):
                                          "squared spectrum")
     mac_budget: float | None = setting(None, "instead of rank: keep this share of the targeted layers' MACs, spending "
                                              "ranks where they cut the truncation error most")
-    rank_multiple: int = setting(8, "ranks are rounded up to a multiple of this (8: tensor-core friendly)")
+    rank_multiple: int = setting(8, "the ranks the suite chooses (a float rank, energy, mac_budget) are rounded up "
+                                    "to a multiple of this (8: tensor-core friendly); an int rank is used as given")
     min_features: int = setting(256, "linear layers with min(in, out) features below this stay dense")
     min_channels: int = setting(256, "convolutions with min(in, out) channels below this stay dense")
     factorize_convs: bool = setting(True, "Composer's: whether Conv1d / Conv2d layers are candidates at all")

@@ -86,7 +86,7 @@ def test_mac_budget_that_cannot_be_met_is_refused():
     assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, before[0].weight)
 
 
-def test_fraction_and_int_ranks_round_up_to_the_multiple_and_skip_above_break_even():
+def test_a_fraction_rounds_up_to_the_multiple_an_int_rank_is_exact_and_above_break_even_stays_dense():
     model = nn.Sequential(nn.Linear(256, 512), nn.Linear(512, 100), nn.Linear(100, 100))
     report = apply_factorization(model, rank=0.1, min_features=1)
     # 0.1 * 256 = 25.6 -> 26 -> 32; 0.1 * 100 = 10 -> 16; 0.1 * 100 = 10 -> 16
@@ -97,6 +97,9 @@ def test_fraction_and_int_ranks_round_up_to_the_multiple_and_skip_above_break_ev
     assert "break-even rank 32.0" in reasons(report)["0"]
     report = apply_factorization(model, rank=31, min_features=1, rank_multiple=1)
     assert ranks(report) == {"0": 31, "1": 31}
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 20))
+    report = apply_factorization(model, rank=4, min_features=1)  # the rank asked for, not rounded to 8
+    assert ranks(report) == {"0": 4, "1": 4}
 
 
 def test_small_grouped_and_tied_layers_stay_dense_with_reasons():
