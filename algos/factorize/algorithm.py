@@ -32,7 +32,7 @@ from algos.factorize.lowrank import (
 )
 from algos.surgery.algorithm import SurgeryAlgorithm
 from algos.surgery.blocks import BLOCK_CLASSES, BLOCKS, DenseMLP, NotADenseBlock
-from algos.surgery.calibration import CalibrationError, run_calibration
+from algos.surgery.calibration import CalibrationError, keep_rows, run_calibration
 from algos.surgery.fit import fit_to_outputs
 from algos.surgery.replace import SkipModule
 from algos.surgery.report import SurgeryReport
@@ -177,12 +177,7 @@ class FactorizeSurgery(Surgery):
             plan.input_moment = moment if plan.input_moment is None else plan.input_moment + moment
             plan.rows_seen += rows.shape[0]
         if self.config.fit_steps > 0:
-            if plan.inputs is not None:
-                rows = torch.cat([plan.inputs, rows])
-            if len(rows) > self.config.fit_tokens:
-                keep = torch.randperm(len(rows), generator=self.generator)[: self.config.fit_tokens]
-                rows = rows[keep.to(rows.device)]
-            plan.inputs = rows
+            plan.inputs = keep_rows(plan.inputs, rows, self.config.fit_tokens, self.generator)
 
     def _whitening(self, plan: LayerPlan) -> torch.Tensor | None:
         """C = E[x x^T] of the layer's calibration inputs for init="activation" (released from the plan once read);

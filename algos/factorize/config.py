@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from algos.surgery.calibration import check_sequential, sequential_setting
+from algos.surgery.calibration import check_sequential, kept_rows_setting, sequential_setting
 from algos.surgery.config import SurgeryConfig, setting
 from algos.surgery.fit import check_fit_settings
 
@@ -60,8 +60,7 @@ class FactorizeConfig(SurgeryConfig):
                                 "measure the error), then each MLP block whose two layers are both factorized as a "
                                 "block; needs calibration; 0: no fitting")
     fit_lr: float = setting(1e-3, "Adam's learning rate for fit_steps")
-    fit_tokens: int = setting(4096, "fit_steps: keep at most this many calibration input rows per layer (a random "
-                                    "subset; for a convolution, a row is one im2col patch)")
+    fit_tokens: int = kept_rows_setting("layer for fit_steps (for a convolution, a row is one im2col patch)")
     sequential: bool = sequential_setting("init='activation' or fit_steps > 0")
 
     def check(self) -> None:

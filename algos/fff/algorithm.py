@@ -5,6 +5,7 @@ blocks it rewrites are the core's (``algos.surgery.blocks``), what it does with 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 
 import psutil
@@ -17,12 +18,12 @@ from torch import nn
 from algos.fff.config import FFFConfig
 from algos.fff.dense_init import init_from_dense, relative_error, split_top_down
 from algos.fff.handlers import already_converted, rewrite, tree_goes_inside
-from algos.fff.training import FFFTraining
-from algos.fff.tree import ACTIVATIONS, FFF, activation_name
+from algos.fff.training import TRAINING_SETTINGS, FFFTraining, FFFTrainingConfig
+from algos.fff.tree import ACTIVATIONS, DEFAULT_ACTIVATION, FFF, activation_name
 from algos.surgery.algorithm import SurgeryAlgorithm
 from algos.surgery.blocks import BLOCK_CLASSES, BLOCKS, Block, NotADenseBlock
 from algos.surgery.budget import BudgetTooSmall, BudgetUnit, allocate_budget
-from algos.surgery.calibration import CalibrationError, run_calibration, token_rows
+from algos.surgery.calibration import CalibrationError, keep_rows, run_calibration, token_rows
 from algos.surgery.config import Selection
 from algos.surgery.errors import NothingToRewrite
 from algos.surgery.fit import fit_to_outputs
@@ -138,13 +139,8 @@ class FFFSurgery(Surgery):
         if x.shape[-1] != width:
             raise CalibrationError(f"{self.name}: calibration input of width {x.shape[-1]} reached {fqn!r} "
                                    f"(expecting {width}).")
-        rows = token_rows(x, real)
-        if fqn in self.inputs:
-            rows = torch.cat([self.inputs[fqn], rows])
-        if len(rows) > self.config.calibration_tokens:
-            keep = torch.randperm(len(rows), generator=self.generator)[: self.config.calibration_tokens]
-            rows = rows[keep.to(rows.device)]
-        self.inputs[fqn] = rows
+        self.inputs[fqn] = keep_rows(self.inputs.get(fqn), token_rows(x, real), self.config.calibration_tokens,
+                                     self.generator)
 
     def choose_widths(self) -> dict[str, int | None]:
         """mac_budget: each target's leaf width, or None where it stays dense (``algos.surgery.budget``). Per token,
@@ -211,7 +207,7 @@ class FFFSurgery(Surgery):
         """The tree's activation: ``activation``, else the block's own (GELU for a lone Linear)."""
         act = self.config.activation or block.dense.activation
         if act is None:
-            return "gelu"
+            return DEFAULT_ACTIVATION
         if isinstance(act, nn.Module):
             return copy.deepcopy(act)
         if isinstance(act, str):
@@ -337,13 +333,13 @@ class FFFReplace(SurgeryAlgorithm):
 
     surgery_class = FFFSurgery
 
-    def __init__(self, *, hardening: float = 0.0, hardening_ramp: str | None = None,
-                 hard_training_at: str | None = None, log_interval: int = 50, **settings):
+    def __init__(self, **settings):
+        aids = {key: settings.pop(key) for key in TRAINING_SETTINGS if key in settings}
         super().__init__(**settings)
-        self.hardening, self.hardening_ramp, self.hard_training_at = hardening, hardening_ramp, hard_training_at
-        self.log_interval = log_interval
-        self.training_aids = FFFTraining(hardening=hardening, hardening_ramp=hardening_ramp,
-                                         hard_training_at=hard_training_at, log_interval=log_interval, name=self.name)
+        self.training_aids = FFFTraining(name=self.name, **aids)
+
+    def _own_arguments(self) -> dict:
+        return self.training_aids.config.changed()  # the training aids' settings, in repr
 
     @property
     def find_unused_parameters(self) -> bool:
@@ -357,3 +353,11 @@ class FFFReplace(SurgeryAlgorithm):
             super().apply(event, state, logger)
         if self.training_aids.match(event, state):  # after the surgery, which may just have made the trees
             self.training_aids.apply(event, state, logger)
+
+
+# The training aids' settings come first in the signature, as they did when FFFReplace listed them by hand; their
+# defaults and help are FFFTrainingConfig's (declared once).
+FFFReplace.__signature__ = FFFReplace.__signature__.replace(parameters=[
+    *(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+      for f in dataclasses.fields(FFFTrainingConfig)),
+    *FFFReplace.__signature__.parameters.values()])

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torch import nn
 
-from algos.fff.tree import FFF, check_tree_arguments, fff_param_count
-from algos.surgery.calibration import check_sequential, sequential_setting
+from algos.fff.tree import DEFAULT_ACTIVATION, FFF, check_tree_arguments, fff_param_count
+from algos.surgery.calibration import check_sequential, kept_rows_setting, sequential_setting
 from algos.surgery.config import SurgeryConfig, setting
 from algos.surgery.fit import check_fit_settings
 
@@ -18,16 +19,23 @@ if TYPE_CHECKING:
 INITS = ("scratch", "dense")
 
 
+def _tree_default(name: str):
+    """The tree's own default for a setting that shapes it (declared once, on ``FFF``)."""
+    return inspect.signature(FFF).parameters[name].default
+
+
 @dataclass(frozen=True)
 class FFFConfig(SurgeryConfig):
     algorithm = "FFFReplace"
 
     depth: int = setting(help="tree depth: a token visits depth + 1 neurons (neuron form) or depth decisions and one "
                               "leaf (leaf form)")
-    form: str = setting("neuron", "'neuron' (UltraFastBERT, hard routing in training too) or 'leaf' (FFF paper, soft "
-                                  "mixture of leaf_width-wide leaf MLPs in training, hard in eval)")
-    leaf_width: int = setting(32, "leaf form: hidden width of each leaf MLP; with mac_budget, the step (and "
-                                  "smallest width) of the per-block widths")
+    form: str = setting(_tree_default("form"), "'neuron' (UltraFastBERT, hard routing in training too) or 'leaf' "
+                                               "(FFF paper, soft mixture of leaf_width-wide leaf MLPs in training, "
+                                               "hard in eval)")
+    leaf_width: int = setting(_tree_default("leaf_width"), "leaf form: hidden width of each leaf MLP; with "
+                                                           "mac_budget, the step (and smallest width) of the "
+                                                           "per-block widths")
     mac_budget: float | None = setting(None, "leaf form with init='dense', instead of one leaf_width: keep this share "
                                              "of the converted blocks' dense MACs per token, giving each block the "
                                              "leaf width where its measured error on calibration falls most per MAC "
@@ -35,10 +43,12 @@ class FFFConfig(SurgeryConfig):
     init: str = setting("scratch", "'scratch' (fresh weights) or 'dense' (from the trained block: median splits "
                                    "along principal directions, then the dense neurons that matter per leaf / "
                                    "least-squares node outputs), which needs calibration")
-    node: str = setting("mirrored", "neuron form, what a visited node adds: 'mirrored' (act(|z|) through an output "
-                                    "vector per branch: ours), 'ultrafastbert' (act(z), one vector: left turns add "
-                                    "~0), 'linear' (z, one vector); see algos.fff.tree")
-    region_leak: float = setting(0.0, "leaf form: probability of flipping each soft decision in training")
+    node: str = setting(_tree_default("node"), "neuron form, what a visited node adds: 'mirrored' (act(|z|) "
+                                               "through an output vector per branch: ours), 'ultrafastbert' (act(z), "
+                                               "one vector: left turns add ~0), 'linear' (z, one vector); see "
+                                               "algos.fff.tree")
+    region_leak: float = setting(_tree_default("region_leak"), "leaf form: probability of flipping each soft "
+                                                               "decision in training")
     activation: str | nn.Module | None = setting(None, "'gelu', 'relu', 'silu', 'tanh' or an nn.Module; None takes "
                                                        "the block's own (GELU for a lone Linear)")
     min_width: int = setting(128, "blocks with min(in, out) features below this stay dense: below about this width "
@@ -49,7 +59,7 @@ class FFFConfig(SurgeryConfig):
                                                    "in the memory where they are built are always refused")
     calibration_batches: int = setting(8, "use at most this many calibration batches (in a Trainer: train batches "
                                           "drawn at FIT_START for init='dense')")
-    calibration_tokens: int = setting(4096, "keep at most this many calibration tokens per block (a random subset)")
+    calibration_tokens: int = kept_rows_setting("block (a row is a token)")
     fit_steps: int = setting(0, "after init, train each tree for this many Adam steps to reproduce its dense block's "
                                 "outputs on the calibration tokens (90% of them; the rest measure the error), which "
                                 "needs calibration; 0: no fitting")
@@ -58,8 +68,8 @@ class FFFConfig(SurgeryConfig):
 
     def check(self) -> None:
         check_tree_arguments(depth=self.depth, form=self.form, leaf_width=self.leaf_width,
-                             activation=self.activation or "gelu", region_leak=self.region_leak, node=self.node,
-                             error=self.error)
+                             activation=self.activation or DEFAULT_ACTIVATION, region_leak=self.region_leak,
+                             node=self.node, error=self.error)
         if self.init not in INITS:
             raise self.error(f"init={self.init!r} is not one of {', '.join(map(repr, INITS))}.")
         budget = self.mac_budget

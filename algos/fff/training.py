@@ -13,8 +13,10 @@ in the model (``FFFReplace`` delegates to one; on its own it serves trees built 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
+from dataclasses import dataclass
 
 import torch
 from composer.core import Algorithm, Event, State, TimeUnit
@@ -23,7 +25,8 @@ from torch import nn
 
 from algos.fff.tree import FFF
 from algos.surgery.algorithm import parse_time, time_reached
-from algos.surgery.errors import SurgeryError
+from algos.surgery.config import SurgeryConfig, fields_help, setting
+from algos.surgery.errors import AlgorithmError, SurgeryError
 from algos.surgery.yaml_names import yaml_name
 
 # Where the hard-training switch is checked: when trees may have just appeared (a surgery at INIT, FIT_START, a
@@ -31,30 +34,57 @@ from algos.surgery.yaml_names import yaml_name
 _SWITCH_EVENTS = (Event.INIT, Event.FIT_START, Event.BATCH_END, Event.EPOCH_END)
 
 
+@dataclass(frozen=True)
+class FFFTrainingConfig(SurgeryConfig):
+    """The training aids' settings, declared once: ``FFFTraining`` takes them, and so does ``FFFReplace``."""
+
+    algorithm = "FFFTraining"
+
+    hardening: float = setting(0.0, "leaf form: weight of the hardening loss (mean decision entropy) added to the "
+                                    "loss; 0: none")
+    hardening_ramp: str | None = setting(None, "a Composer time (e.g. '200ba', '0.5dur'): the hardening weight ramps "
+                                               "linearly from 0 over it")
+    hard_training_at: str | None = setting(None, "a Composer time: from then on, leaf-form trees train on their hard "
+                                                 "path (one leaf per token)")
+    log_interval: int = setting(50, "batches between the usage metrics (fff/leaf_usage_entropy, fff/load_balance, "
+                                    "fff/decision_entropy)")
+
+    def check(self) -> None:
+        if isinstance(self.hardening, bool) or not isinstance(self.hardening, (int, float)) or self.hardening < 0:
+            raise self.error(f"hardening={self.hardening!r} must be a number >= 0.")
+        if isinstance(self.log_interval, bool) or not isinstance(self.log_interval, int) or self.log_interval < 1:
+            raise self.error(f"log_interval={self.log_interval!r} must be an int >= 1.")
+        for argument in ("hardening_ramp", "hard_training_at"):
+            parse_time(getattr(self, argument), self.algorithm, argument)
+
+
+TRAINING_SETTINGS = tuple(f.name for f in dataclasses.fields(FFFTrainingConfig))
+
+
 @yaml_name("fff_training")
 class FFFTraining(Algorithm):
     """The hardening loss, the hard-training switch and usage logging for the model's ``FFF`` trees.
 
     ``name`` is the algorithm named in argument errors (``FFFReplace`` passes its own).
+
+    Args:
+{settings}
     """
 
-    def __init__(self, *, hardening: float = 0.0, hardening_ramp: str | None = None,
-                 hard_training_at: str | None = None, log_interval: int = 50, name: str = "FFFTraining"):
-        if not (isinstance(hardening, (int, float)) and hardening >= 0):
-            raise SurgeryError(name, f"hardening={hardening!r} must be a number >= 0.")
-        if isinstance(log_interval, bool) or not isinstance(log_interval, int) or log_interval < 1:
-            raise SurgeryError(name, f"log_interval={log_interval!r} must be an int >= 1.")
-        self.hardening, self.hardening_ramp, self.hard_training_at = hardening, hardening_ramp, hard_training_at
-        self.log_interval = log_interval
-        self._ramp = parse_time(hardening_ramp, name, "hardening_ramp")
-        self._hard_at = parse_time(hard_training_at, name, "hard_training_at")
+    def __init__(self, *, name: str = "FFFTraining", **settings):
+        try:
+            self.config = FFFTrainingConfig.build(**settings)
+        except AlgorithmError as error:  # named after the algorithm the user called
+            raise SurgeryError(name, str(error).removeprefix(f"{FFFTrainingConfig.algorithm}: ")) from None
+        self._ramp = parse_time(self.config.hardening_ramp, name, "hardening_ramp")
+        self._hard_at = parse_time(self.config.hard_training_at, name, "hard_training_at")
 
     @property
     def find_unused_parameters(self) -> bool:
         return True
 
     def match(self, event: Event, state: State) -> bool:
-        wanted = ((event == Event.AFTER_LOSS and self.hardening > 0) or event == Event.BATCH_END
+        wanted = ((event == Event.AFTER_LOSS and self.config.hardening > 0) or event == Event.BATCH_END
                   or (event in _SWITCH_EVENTS and self._hard_at is not None))
         return wanted and bool(trees(state.model))
 
@@ -65,18 +95,18 @@ class FFFTraining(Algorithm):
         if self._hard_at is not None and time_reached(state, self._hard_at):  # "0ba": hard from the surgery on
             for tree in trees(state.model):
                 tree.hard_training = True
-        if event == Event.BATCH_END and int(state.timestamp.batch) % self.log_interval == 0:
+        if event == Event.BATCH_END and int(state.timestamp.batch) % self.config.log_interval == 0:
             logger.log_metrics(usage_metrics(trees(state.model)))
 
     def hardening_weight(self, state: State) -> float:
         """``hardening``, times the fraction of ``hardening_ramp`` elapsed (at most 1)."""
         if self._ramp is None:
-            return self.hardening
+            return self.config.hardening
         if self._ramp.unit == TimeUnit.DURATION:
             progress = float(state.get_elapsed_duration() or 0) / self._ramp.value
         else:
             progress = int(state.timestamp.get(self._ramp.unit)) / max(self._ramp.value, 1)
-        return self.hardening * min(1.0, progress)
+        return self.config.hardening * min(1.0, progress)
 
     def _add_hardening_loss(self, state: State) -> None:
         entropies = [tree.last_entropy for tree in trees(state.model) if tree.soft and tree.last_entropy is not None]
@@ -95,10 +125,14 @@ class FFFTraining(Algorithm):
 
     def __repr__(self) -> str:
         """``FFFTraining(arg=value, ...)`` with the arguments that differ from their defaults (eval-able)."""
-        parameters = inspect.signature(FFFTraining.__init__).parameters.values()
-        shown = [f"{p.name}={getattr(self, p.name)!r}" for p in parameters
-                 if p.kind is p.KEYWORD_ONLY and p.name != "name" and getattr(self, p.name) != p.default]
-        return f"FFFTraining({', '.join(shown)})"
+        return f"FFFTraining({', '.join(f'{key}={value!r}' for key, value in self.config.changed().items())})"
+
+
+FFFTraining.__doc__ = FFFTraining.__doc__.replace("{settings}", fields_help(FFFTrainingConfig))
+FFFTraining.__signature__ = inspect.Signature(
+    [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+     for f in dataclasses.fields(FFFTrainingConfig)]
+    + [inspect.Parameter("name", inspect.Parameter.KEYWORD_ONLY, default="FFFTraining")])
 
 
 def trees(model: nn.Module) -> list[FFF]:

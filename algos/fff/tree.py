@@ -51,6 +51,7 @@ from algos.surgery.tracing import recording_graph
 FORMS = ("neuron", "leaf")
 NODES = ("mirrored", "ultrafastbert", "linear")
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+DEFAULT_ACTIVATION = "gelu"  # a tree's activation when nothing says otherwise (FFF, FFFReplace on a lone Linear)
 
 
 def node_count(depth: int, form: str) -> int:
@@ -89,7 +90,7 @@ class FFF(nn.Module):
     """A Fast FeedForward tree from ``in_features`` to ``out_features``; input (..., in_features)."""
 
     def __init__(self, in_features: int, out_features: int, depth: int, *, form: str = "neuron",
-                 leaf_width: int = 32, activation: str | nn.Module = "gelu", node: str = "mirrored",
+                 leaf_width: int = 32, activation: str | nn.Module = DEFAULT_ACTIVATION, node: str = "mirrored",
                  region_leak: float = 0.0, hard_training: bool = False):
         super().__init__()
         check_tree_arguments(depth=depth, form=form, leaf_width=leaf_width, activation=activation,

@@ -22,6 +22,7 @@ from algos.run.registry import ConfigError, check_kwargs
 from algos.surgery import SurgeryAlgorithm, SurgeryError
 from algos.surgery.checkpoint_files import is_whole
 
+GENERATE_TOKENS = 32  # run.generate_tokens' default
 RUN_KEYS = {"name": "run name (default: the YAML file names joined by '+')",
             "dir": "run directory (default: runs/<name>)",
             "overwrite": "replace an existing run directory made by algos run (default: false)",
@@ -29,7 +30,7 @@ RUN_KEYS = {"name": "run name (default: the YAML file names joined by '+')",
             "seed": "random seed for model init, data order and training (default: 0)",
             "device": "cpu, gpu or auto (default: auto)",
             "generate_tokens": "generative models: new tokens per timed generate call after training, for the "
-                               "summary's generation latency per token (default: 32; 0: skip)"}
+                               f"summary's generation latency per token (default: {GENERATE_TOKENS}; 0: skip)"}
 # Trainer arguments the runner fills in from the other sections.
 RUNNER_OWNS = ("model", "train_dataloader", "eval_dataloader", "optimizers", "schedulers", "algorithms", "loggers",
                "callbacks", "run_name", "seed", "device", "save_folder", "save_overwrite")
@@ -49,7 +50,7 @@ class Built:
     algorithm_keys: list = field(default_factory=list)  # their config keys, in the same order
     trainer_kwargs: dict = field(default_factory=dict)
     plans: dict = field(default_factory=dict)  # algorithm config key -> names of the modules it will rewrite
-    generate_tokens: int = 32
+    generate_tokens: int = GENERATE_TOKENS
     resume: bool = False
 
 
@@ -135,7 +136,7 @@ def build(config: DictConfig, *, for_training: bool = True) -> Built:
         raise ConfigError(f"trainer.load_path={load_path!r} is truncated or not a checkpoint (no complete torch file)")
     built = Built(name, run_dir, overwrite, model, train, evaluation, algorithms,
                   algorithm_keys=list(_section(plain, "algorithms")), plans=plans, resume=resume)
-    generate_tokens = run.get("generate_tokens", 32)
+    generate_tokens = run.get("generate_tokens", GENERATE_TOKENS)
     if isinstance(generate_tokens, bool) or not isinstance(generate_tokens, int) or generate_tokens < 0:
         raise ConfigError(f"run.generate_tokens={generate_tokens!r}; expected an int >= 0")
     built.generate_tokens = generate_tokens

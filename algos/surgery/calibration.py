@@ -30,6 +30,22 @@ def sequential_setting(uses: str):
                           f"needs {uses}")
 
 
+def kept_rows_setting(what: str):
+    """The cap on the calibration input rows a surgery keeps per target for fitting (FFF's ``calibration_tokens``,
+    Factorize's ``fit_tokens``: one knob, declared here once, under each algorithm's own name)."""
+    return setting(4096, f"keep at most this many calibration input rows per {what} (a fixed-seed random subset)")
+
+
+def keep_rows(kept: torch.Tensor | None, rows: torch.Tensor, limit: int, generator: torch.Generator) -> torch.Tensor:
+    """``rows`` appended to those ``kept`` so far, at most ``limit`` of them: a random subset (``generator``) once more
+    come."""
+    if kept is not None:
+        rows = torch.cat([kept, rows])
+    if len(rows) > limit:
+        rows = rows[torch.randperm(len(rows), generator=generator)[:limit].to(rows.device)]
+    return rows
+
+
 def check_sequential(sequential, reads_inputs: bool, uses: str, error: Callable[[str], Exception]) -> None:
     """The ``sequential`` setting's check: a bool, and on only where ``uses`` (the settings that read calibration
     inputs) are on (``reads_inputs``)."""
