@@ -22,7 +22,7 @@ torch.set_num_threads(2)
 steps = int(sys.argv[2])
 encoder = MODELS.build("sentence_encoder", {"pretrained": "all-MiniLM-L6-v2"}, "model")
 train, _ = DATA.build("sentences", {"batch_size": 16}, "data", spec=encoder.input_spec)
-batches = [{k: v for k, v in batch.items() if k != "labels"} for _, batch in zip(range(8), train)]
+batches = [{k: v for k, v in batch.items() if k != "labels"} for _, batch in zip(range(8), train, strict=False)]
 net, teacher = encoder.model, copy.deepcopy(encoder.model)
 algos.apply_factorization(net, rank=0.25)
 algos.distill(net, teacher, batches, steps=3)  # warm-up
