@@ -16,6 +16,7 @@ def run_benchmark(*arguments: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_fff_width_part_at_two_tiny_widths(tmp_path):
     pytest.importorskip("fastfeedforward")
     plot = tmp_path / "width.png"

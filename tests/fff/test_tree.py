@@ -172,7 +172,6 @@ def decision_entropy(fff, x):
     return float(fff.last_entropy)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_hardening_loss_lowers_decision_entropy(seed):
     torch.manual_seed(seed)

@@ -99,7 +99,6 @@ def test_teacher_is_taken_before_a_later_surgery(tmp_path):
     assert attention_types(trainer.state.model)[0] is FourierBertAttention
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("task_weight", [0.0, 1.0])
 @pytest.mark.parametrize("pass_algorithms_again", [False, True])
 def test_resume_is_bit_exact(tmp_path, task_weight, pass_algorithms_again):

@@ -39,6 +39,7 @@ def snapshot(folder: Path) -> dict:
             else None for p in sorted(folder.rglob("*"))}
 
 
+@pytest.mark.slow
 def test_a_run_that_cannot_start_leaves_the_finished_run_it_was_to_replace(tmp_path, monkeypatch):
     run_dir = tmp_path / "keep"
     run(config(run_dir), quiet=True)  # with the YAML's wandb logger
@@ -214,6 +215,7 @@ def test_resume_after_a_kill_starts_from_the_newest_whole_checkpoint(tmp_path, m
     assert (folder / ".incomplete-ep0-ba4-rank0.pt").read_bytes() == whole[: len(whole) // 2]  # kept, not deleted
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_locked_run_directory_is_refused_in_one_line(tmp_path):
     """Another process holds run.dir (a real second process): run.overwrite=true is refused naming it, and nothing
     changes; once the holder is gone (killed: the kernel drops its lock), the run goes ahead and no lock file stays."""
@@ -239,6 +241,7 @@ def test_a_second_run_into_a_locked_run_directory_is_refused_in_one_line(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
     """A bug at batch 1 (checkpoints every 2ba) keeps its traceback, says nothing is kept without the resume hint,
     and puts back the run it was to replace; a check Composer makes only once training starts is one line."""

@@ -91,7 +91,7 @@ def onnx_model(model: nn.Module, inputs: tuple, dynamo: bool) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+@pytest.mark.parametrize("dynamo", [pytest.param(True, marks=pytest.mark.slow), False], ids=["dynamo", "torchscript"])
 @pytest.mark.parametrize("case", SURGERIES)
 def test_onnx_export_matches_eager_on_other_inputs(case, dynamo):
     onnxruntime = pytest.importorskip("onnxruntime")
