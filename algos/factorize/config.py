@@ -84,13 +84,9 @@ class FactorizeConfig(SurgeryConfig):
             if isinstance(rank, float) and not 0 < rank <= 1:
                 raise self.error(f"rank={rank} as a fraction of min(in, out) must be in (0, 1]; pass an int for an "
                                  f"absolute rank.")
-        for name, least in (("rank_multiple", 1), ("calibration_batches", 1), ("min_features", 0),
-                            ("min_channels", 0), ("fit_tokens", 1)):
-            value = getattr(self, name)
-            if not (_is_int(value) and value >= least):
-                raise self.error(f"{name}={value!r} must be an int >= {least}.")
-        if not (_is_number(self.damping) and self.damping >= 0):
-            raise self.error(f"damping={self.damping!r} must be a number >= 0.")
+        self.require_int("rank_multiple", "calibration_batches", "fit_tokens", least=1)
+        self.require_int("min_features", "min_channels", least=0)
+        self.require_number("damping")
         check_fit_settings(self.fit_steps, self.fit_lr, self.error)
         check_sequential(self.sequential, self.init == "activation" or self.fit_steps > 0,
                          "init='activation' or fit_steps > 0", self.error)
@@ -141,7 +137,3 @@ class FactorizeConfig(SurgeryConfig):
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -84,11 +84,8 @@ class FFFConfig(SurgeryConfig):
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
             raise self.error(f"max_params={limit!r} must be None, an int (parameters per tree) or a float "
                              f"(multiple of the replaced block's parameters), > 0.")
-        for name, value, least in (("calibration_batches", self.calibration_batches, 1),
-                                   ("calibration_tokens", self.calibration_tokens, 1), ("min_width", self.min_width,
-                                                                                        0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise self.error(f"{name}={value!r} must be an int >= {least}.")
+        self.require_int("calibration_batches", "calibration_tokens", least=1)
+        self.require_int("min_width", least=0)
         check_fit_settings(self.fit_steps, self.fit_lr, self.error)
         check_sequential(self.sequential, self.calibration_needed > 0, "init='dense' or fit_steps > 0", self.error)
 

@@ -50,10 +50,8 @@ class FFFTrainingConfig(SurgeryConfig):
                                     "fff/decision_entropy)")
 
     def check(self) -> None:
-        if isinstance(self.hardening, bool) or not isinstance(self.hardening, (int, float)) or self.hardening < 0:
-            raise self.error(f"hardening={self.hardening!r} must be a number >= 0.")
-        if isinstance(self.log_interval, bool) or not isinstance(self.log_interval, int) or self.log_interval < 1:
-            raise self.error(f"log_interval={self.log_interval!r} must be an int >= 1.")
+        self.require_number("hardening")
+        self.require_int("log_interval", least=1)
         for argument in ("hardening_ramp", "hard_training_at"):
             parse_time(getattr(self, argument), self.algorithm, argument)
 

@@ -18,10 +18,6 @@ class DistillError(AlgorithmError):
     """Bad settings or input of self-distillation, raised before the first step: nothing has been changed."""
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class DistillConfig(SurgeryConfig):
     algorithm = "SelfDistillation"
@@ -41,14 +37,10 @@ class DistillConfig(SurgeryConfig):
     task_weight: float = setting(0.0, "weight of the model's own loss (0: pure distillation, no labels needed)")
 
     def check(self) -> None:
-        for name in ("hidden_weight", "logit_weight", "embedding_weight", "task_weight"):
-            value = getattr(self, name)
-            if name == "embedding_weight" and value is None:  # chosen from the model's output (the help above)
-                continue
-            if not _is_number(value) or value < 0:
-                raise self.error(f"{name}={value!r} must be a number >= 0.")
-        if not _is_number(self.temperature) or self.temperature <= 0:
-            raise self.error(f"temperature={self.temperature!r} must be a number > 0.")
+        self.require_number("hidden_weight", "logit_weight", "task_weight")
+        if self.embedding_weight is not None:  # None: chosen from the model's output (the help above)
+            self.require_number("embedding_weight")
+        self.require_number("temperature", strictly=True)
         if self.hidden_weight == 0 and self.logit_weight == 0 and self.embedding_weight == 0:
             raise self.error("hidden_weight, logit_weight and embedding_weight are all 0: nothing to distill.")
         if self.layers is not None and self.hidden_weight == 0:
@@ -75,12 +67,9 @@ class DistillLoop(SurgeryConfig):
     warmup_steps: int | None = setting(None, "linear warm-up steps; None: 5% of steps, rounded down")
 
     def check(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise self.error(f"steps={self.steps!r} must be an int >= 1.")
-        if not _is_number(self.lr) or self.lr <= 0:
-            raise self.error(f"lr={self.lr!r} must be a number > 0.")
-        if not _is_number(self.weight_decay) or self.weight_decay < 0:
-            raise self.error(f"weight_decay={self.weight_decay!r} must be a number >= 0.")
+        self.require_int("steps", least=1)
+        self.require_number("lr", strictly=True)
+        self.require_number("weight_decay")
         if self.schedule not in SCHEDULES:
             raise self.error(f"schedule={self.schedule!r} is not one of {', '.join(map(repr, SCHEDULES))}.")
         warmup = self.warmup

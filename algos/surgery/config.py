@@ -49,6 +49,23 @@ class SurgeryConfig:
     def error(self, message: str) -> AlgorithmError:
         return self.error_type(self.algorithm, message)
 
+    def require_int(self, *names: str, least: int) -> None:
+        """A one-line error unless each named setting is an int (not a bool) >= ``least``: the check most settings
+        share, written once."""
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise self.error(f"{name}={value!r} must be an int >= {least}.")
+
+    def require_number(self, *names: str, least: float = 0, strictly: bool = False) -> None:
+        """A one-line error unless each named setting is a number (int or float, not a bool) >= ``least`` (>
+        ``least`` with ``strictly``)."""
+        for name in names:
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or value < least or (strictly and value == least):
+                raise self.error(f"{name}={value!r} must be a number {'>' if strictly else '>='} {least}.")
+
     @property
     def calibration_needed(self) -> int:
         """How many calibration batches the surgery wants (0: none); a Composer run draws them from the train data."""

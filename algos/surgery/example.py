@@ -30,8 +30,7 @@ class SwapLinearConfig(SurgeryConfig):
     min_features: int = setting(0, "layers with min(in, out) below this stay as they are")
 
     def check(self) -> None:
-        if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 0:
-            raise self.error(f"min_features={self.min_features!r} must be an int >= 0.")
+        self.require_int("min_features", least=0)   # or raise self.error("...") for checks of your own
 
 
 class SwappedLinear(nn.Linear):
