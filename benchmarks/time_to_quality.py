@@ -1,18 +1,21 @@
 """Time to quality (issue 26): does a run with a surgery reach the baseline's quality sooner, Composer's way?
 
-    .venv/bin/python benchmarks/time_to_quality.py --out runs/ttq --plot docs/time_to_quality.png   # minutes per seed
-    .venv/bin/python benchmarks/time_to_quality.py --batches 2 --eval-every 1 --seeds 0 --recipes fnet_hybrid  # smoke
+    .venv/bin/python benchmarks/time_to_quality.py --out runs/ttq --plot docs/time_to_quality.png   # minutes per run
+    .venv/bin/python benchmarks/time_to_quality.py --batches 2 --eval-every 1 --seeds 0 --runs fnet_hybrid  # smoke
 
 Masked-LM pre-training of a small BERT from scratch (``yamls/bert_base_mlm.yaml`` cut to ``--layers`` x
-``--width``, offline: Python's reference documentation with its own WordPiece tokenizer), the baseline and each of
-``--recipes`` (files in ``recipes/``) trained for the same number of batches with the same optimizer and schedule,
-per seed, through ``algos compare``; every run is judged against the same seed's baseline on masked-token accuracy
+``--width`` with a ``--vocab``-token WordPiece vocabulary, offline: Python's reference documentation), the baseline
+and each of ``--runs`` trained for the same number of batches with the same optimizer and schedule, per seed, through
+``algos compare``; every run is judged against the same seed's baseline on masked-token accuracy
 (``algos.run.quality``: the baseline's training time to the quality the run ends with over the run's, and the run's
-time to the baseline's final quality). The table gives the median over seeds and the range; ``--plot`` draws each
-run's accuracy against training time, one panel per seed.
+time to the baseline's final quality). The held-out rows (``--val-fraction`` of the text) are masked once, so every
+evaluation scores the same tokens. The table gives the median over seeds and the range; ``--plot`` draws each run's
+accuracy against training time, one panel per seed.
 
-The runs share one learning-rate recipe (the base YAML's: AdamW 5e-4, linear warm-up 6% and decay), tuned for
-neither; a surgery that would gain from another schedule shows it here as a quality gap.
+A run is a stack of ``recipes/`` files plus settings of their algorithms (``RUNS``), written as one recipe into
+``--out/recipes/`` so that ``algos compare`` names and runs it like any recipe. The runs share one learning-rate recipe
+(the base YAML's: AdamW 5e-4, linear warm-up 6% and decay), tuned for none of them; a surgery that would gain from
+another schedule shows it here as a quality gap.
 """
 
 from __future__ import annotations
@@ -34,19 +37,56 @@ from algos.run.quality import quality_curve  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# name -> (recipes/ files, settings of their algorithms; "{width}" is --width)
+RUNS = {
+    "fnet_hybrid": (["fnet_hybrid"], []),  # Fourier mixing in all layers but the last two
+    "fnet": (["fnet"], []),  # Fourier mixing in every layer
+    "fff": (["fff"], []),  # every FFN a neuron-form tree of depth 5 (6 of 63 node pairs per token)
+    # every FFN a leaf-form tree of depth 2 (a token runs one leaf of {width} neurons, a quarter of the 4 x {width}
+    # FFN): soft mixture with a hardening loss for the first quarter, then the hard path (one leaf per token)
+    "fff_leaf": (["fff"], ["form=leaf", "depth=2", "leaf_width={width}", "hardening=0.1", "hardening_ramp=0.25dur",
+                           "hard_training_at=0.25dur"]),
+    "factorize": (["factorize"], ["apply_at=null", "init=svd"]),  # rank 25% from the first step
+    "factorize_half": (["factorize"], []),  # rank 25% at half time, activation-aware from the trained layers
+    "fnet_hybrid_fff": (["fnet_hybrid", "fff"], []),  # both of the above, from the first step
+}
+
+
+def write_run_recipes(args) -> list[str]:
+    """One recipe YAML per ``--runs`` entry in ``--out/recipes/``: its recipes merged, its settings applied."""
+    from omegaconf import OmegaConf
+
+    folder = Path(args.out) / "recipes"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in args.runs:
+        if name not in RUNS:
+            raise SystemExit(f"--runs: {name!r} is not a run; valid: {', '.join(RUNS)}")
+        files, settings = RUNS[name]
+        config = OmegaConf.merge(*(OmegaConf.load(ROOT / "recipes" / f"{f}.yaml") for f in files))
+        algorithm = next(iter(config.algorithms)) if settings else None  # settings are for the first one's
+        config = OmegaConf.merge(config, OmegaConf.from_dotlist(
+            [f"algorithms.{algorithm}.{s.format(width=args.width)}" for s in settings]))
+        path = folder / f"{name}.yaml"
+        path.write_text(f"# {' + '.join(files)}" + (f" with {', '.join(settings)}" if settings else "").format(
+            width=args.width) + "\n" + OmegaConf.to_yaml(config))
+        paths.append(str(path))
+    return paths
+
+
 def overrides(args, seed: int) -> list[str]:
     heads = max(1, args.width // 64)
     config = (f"{{num_hidden_layers: {args.layers}, hidden_size: {args.width}, num_attention_heads: {heads}, "
-              f"intermediate_size: {4 * args.width}, max_position_embeddings: {args.seq_len}}}")
+              f"intermediate_size: {4 * args.width}, max_position_embeddings: {args.seq_len}, "
+              f"vocab_size: {args.vocab}}}")
     return [f"model.config={config}", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch_size}",
-            f"trainer.max_duration={args.batches}ba", f"trainer.eval_interval={args.eval_every}ba",
-            f"trainer.eval_subset_num_batches={args.eval_batches}", "trainer.precision=fp32",
-            "trainer.progress_bar=false", f"trainer.save_interval={args.batches}ba", f"run.seed={seed}",
-            "callbacks={}", *args.override]
+            f"data.val_fraction={args.val_fraction}", f"trainer.max_duration={args.batches}ba",
+            f"trainer.eval_interval={args.eval_every}ba", "trainer.precision=fp32", "trainer.progress_bar=false",
+            f"trainer.save_interval={args.batches}ba", f"run.seed={seed}", "callbacks={}", *args.override]
 
 
 def run_seeds(args) -> dict[int, list[dict]]:
-    paths = [str(ROOT / "yamls/bert_base_mlm.yaml"), *(str(ROOT / "recipes" / f"{r}.yaml") for r in args.recipes)]
+    paths = [str(ROOT / "yamls/bert_base_mlm.yaml"), *write_run_recipes(args)]
     results = {}
     for seed in args.seeds:
         start = time.perf_counter()
@@ -108,8 +148,8 @@ def plot(results: dict[int, list[dict]], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipes", default="fnet_hybrid,fnet,fff,factorize,fast_bert",
-                        type=lambda s: s.split(","), help="recipes/ files (without .yaml), each against the baseline")
+    parser.add_argument("--runs", default=",".join(RUNS), type=lambda s: s.split(","),
+                        help=f"runs, each against the baseline (of: {', '.join(RUNS)})")
     parser.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=256)
@@ -117,7 +157,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--eval-batches", type=int, default=8, help="eval batches per evaluation")
+    parser.add_argument("--vocab", type=int, default=4096, help="WordPiece vocabulary (trained on the text)")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of the text (all of it is "
+                        "evaluated each time)")
     parser.add_argument("--out", default="runs/time_to_quality")
     parser.add_argument("--plot", default=None, help="write the accuracy-over-time plot here (PNG)")
     parser.add_argument("override", nargs="*", help="more key=value overrides for every run")

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,12 +66,17 @@ def test_frontier_benchmark_heals_saves_measures_and_plots_at_tiny_sizes(tmp_pat
 @pytest.mark.slow
 def test_time_to_quality_benchmark_judges_each_recipe_against_its_seed_baseline(tmp_path):
     plot = tmp_path / "ttq.png"
-    out = run_benchmark("benchmarks/time_to_quality.py", "--batches", "2", "--eval-every", "1", "--eval-batches", "1",
-                        "--seeds", "0", "--recipes", "fnet", "--layers", "2", "--width", "64", "--seq-len", "32",
-                        "--out", str(tmp_path / "runs"), "--plot", str(plot))
+    out = run_benchmark("benchmarks/time_to_quality.py", "--batches", "2", "--eval-every", "1", "--seeds", "0",
+                        "--runs", "fnet,fff_leaf", "--layers", "2", "--width", "128", "--seq-len", "32", "--vocab",
+                        "512", "--out", str(tmp_path / "runs"), "--plot", str(plot))
     assert "| bert_base_mlm " in out and "| baseline " in out
-    row = [line for line in out.splitlines() if line.startswith("| bert_base_mlm+fnet ")][-1]  # after compare's
-    assert "of 1 seeds" in row  # judged against the baseline: reached it, or the final gap
+    for name in ("fnet", "fff_leaf"):
+        row = [line for line in out.splitlines() if line.startswith(f"| bert_base_mlm+{name} ")][-1]  # compare's first
+        assert "of 1 seeds" in row  # judged against the baseline: reached it, or the final gap
+    leaf = OmegaConf.load(tmp_path / "runs" / "recipes" / "fff_leaf.yaml").algorithms.fff  # the run's own settings
+    assert (leaf.form, leaf.depth, leaf.leaf_width, leaf.hard_training_at) == ("leaf", 2, 128, "0.25dur")
+    config = OmegaConf.load(tmp_path / "runs" / "seed0" / "bert_base_mlm+fff_leaf" / "config.yaml")
+    assert config.model.config.vocab_size == 512 and config.algorithms.fff.form == "leaf"
     assert (tmp_path / "runs" / "seed0" / "results.json").exists() and plot.stat().st_size > 10_000
 
 

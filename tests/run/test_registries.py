@@ -93,6 +93,14 @@ def test_offline_text_mlm_default_corpus_tokenizer_and_masking():
     masked = labels != -100
     assert 0.05 < masked.float().mean() < 0.3  # about 15% of tokens carry a label
     assert len(train.dataset) > 100 and len(val.dataset) >= 1 and len(python_docs_corpus()) > 50
+    # training masks are drawn afresh each batch; the held-out masks are fixed, across evaluations and builds
+    row = train.dataset[0]
+    assert not torch.equal(train.collate_fn([row])["labels"], train.collate_fn([row])["labels"])
+    held_out = next(iter(val))
+    assert 0.05 < (held_out["labels"] != -100).float().mean() < 0.3
+    again = next(iter(DATA.build("text_mlm", {"seq_len": 64, "batch_size": 8}, "data", spec=spec)[1]))
+    assert all(torch.equal(held_out[key], next(iter(val))[key]) and torch.equal(held_out[key], again[key])
+               for key in ("input_ids", "labels"))
     with pytest.raises(ConfigError, match="data.name='text_mlm' gives mlm token batches; the model wants image"):
         DATA.build("text_mlm", {}, "data", spec=InputSpec("image", shape=(1, 8, 8), num_classes=10))
 

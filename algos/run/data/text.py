@@ -3,6 +3,7 @@ tokenizers and datasets (network), and the masked-LM (``text_mlm``) and sentence
 
 from __future__ import annotations
 
+import hashlib
 import re
 import textwrap
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from algos.run.data.common import DATA, make_loaders, pad_collate, split_rows
+from algos.run.data.common import DATA, DictDataset, make_loaders, pad_collate, split_rows
 from algos.run.registry import ConfigError
 from algos.run.spec import TEXT_SPECIAL_TOKENS, InputSpec, needs_network
 
@@ -23,10 +24,25 @@ def python_docs_corpus() -> list[str]:
     return [topics[key] for key in sorted(topics)]
 
 
+# Trained tokenizers of this process, by (text fingerprint, vocab_size, extra special tokens). The tokenizers
+# library's WordPiece trainer is not deterministic (huggingface/tokenizers#1794: hash-map order breaks ties
+# between merges), so two trainings on the same text can give different vocabularies; the runs of one process
+# (one ``algos compare``, one benchmark) share one tokenizer and so see the same token rows.
+_TRAINED: dict[tuple[str, int, tuple[str, ...]], object] = {}
+
+
 def word_piece_tokenizer(texts: list[str], vocab_size: int, extra_special_tokens: tuple[str, ...] = ()):
     """A BERT-style WordPiece tokenizer trained on ``texts`` (offline; a second or two on the default corpus),
     wrapped as an HF fast tokenizer with BERT's special tokens (ids 0-4, ``TEXT_SPECIAL_TOKENS``), then
-    ``extra_special_tokens``."""
+    ``extra_special_tokens``. Trained once per process for the same arguments (see ``_TRAINED``)."""
+    fingerprint = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+    key = (fingerprint, vocab_size, tuple(extra_special_tokens))
+    if key not in _TRAINED:
+        _TRAINED[key] = _train_word_piece(texts, vocab_size, extra_special_tokens)
+    return _TRAINED[key]
+
+
+def _train_word_piece(texts: list[str], vocab_size: int, extra_special_tokens: tuple[str, ...]):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -104,6 +120,9 @@ def read_texts(files, dataset, dataset_config, text_column, max_documents) -> li
     return texts[:max_documents] if max_documents else texts
 
 
+VAL_MASK_SEED = 1234  # non-zero: transformers' collator ignores seed=0
+
+
 @DATA.register("text_mlm")
 def text_mlm(*, spec: InputSpec, files: list[str] | None = None, dataset: str | None = None,
              dataset_config: str | None = None, text_column: str = "text", tokenizer: str | None = None,
@@ -124,10 +143,13 @@ def text_mlm(*, spec: InputSpec, files: list[str] | None = None, dataset: str | 
     rows = torch.cat([torch.full((len(rows), 1), tok.cls_token_id), rows,
                       torch.full((len(rows), 1), tok.sep_token_id)], dim=1)
     train, val = split_rows(list(rows), val_fraction, batch_size, f"rows of {length + 2} tokens")
-    split = {"train": train, "val": val}
-    sets = {key: [{"input_ids": row} for row in value] for key, value in split.items()}
     collate = DataCollatorForLanguageModeling(tok, mlm_probability=mlm_probability)
-    return make_loaders(sets["train"], sets["val"], batch_size, collate_fn=collate)
+    # Training draws fresh masks every batch; the held-out rows are masked once, with a fixed seed, so that every
+    # evaluation of every run scores the same masked tokens and two curves differ by the model only.
+    val_masked = DataCollatorForLanguageModeling(tok, mlm_probability=mlm_probability, seed=VAL_MASK_SEED)(
+        [{"input_ids": row} for row in val])
+    return make_loaders([{"input_ids": row} for row in train], DictDataset(**val_masked), batch_size,
+                        collate_fn=collate, eval_collate_fn=None)
 
 
 # A sentence ends at . ! or ? followed by white space (a simple rule: abbreviations such as "e.g. x" split too).
