@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/time_to_quality.py --out runs/ttq --plot docs/time_to_quality.png   # minutes per run
     .venv/bin/python benchmarks/time_to_quality.py --batches 2 --eval-every 1 --seeds 0 --runs fnet_hybrid  # smoke
+    .venv/bin/python benchmarks/time_to_quality.py --task digits --out runs/ttq_digits   # about a minute per seed
 
 Masked-LM pre-training of a small BERT from scratch (``yamls/bert_base_mlm.yaml`` cut to ``--layers`` x
 ``--width`` with a ``--vocab``-token WordPiece vocabulary, offline: Python's reference documentation), the baseline
@@ -9,7 +10,8 @@ and each of ``--runs`` trained for the same number of batches with the same opti
 ``algos compare``; every run is judged against the same seed's baseline on masked-token accuracy
 (``algos.run.quality``: the baseline's training time to the quality the run ends with over the run's, and the run's
 time to the baseline's final quality). The held-out rows (``--val-fraction`` of the text) are masked once, so every
-evaluation scores the same tokens. The table gives the median over seeds and the range; ``--plot`` draws each run's
+evaluation scores the same tokens. ``--task digits`` judges the quick-start's image runs the same way, trained for
+``--epochs``. The table gives the median over seeds and the range; ``--plot`` draws each run's
 accuracy against training time, one panel per seed.
 
 A run is a stack of ``recipes/`` files plus settings of their algorithms (``RUNS``), written as one recipe into
@@ -31,6 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from algos.bench import markdown_table  # noqa: E402
+from algos.bench.timing import cpu_model  # noqa: E402
 from algos.run.compare import compare, main_metric  # noqa: E402
 from algos.run.quality import quality_curve  # noqa: E402
 
@@ -74,19 +77,30 @@ def write_run_recipes(args) -> list[str]:
     return paths
 
 
+# --task digits: the quick-start's comparison (scikit-learn's digits, offline), each base with its recipes
+DIGITS = ["yamls/digits_mlp.yaml", "recipes/factorize.yaml", "recipes/fff.yaml", "yamls/digits_vit.yaml",
+          "recipes/fnet.yaml"]
+
+
 def overrides(args, seed: int) -> list[str]:
+    common = [f"run.seed={seed}", "trainer.progress_bar=false", "callbacks={}", *args.override]
+    if args.task == "digits":
+        return [f"trainer.max_duration={args.epochs}ep", f"trainer.save_interval={args.epochs}ep", *common]
     heads = max(1, args.width // 64)
     config = (f"{{num_hidden_layers: {args.layers}, hidden_size: {args.width}, num_attention_heads: {heads}, "
               f"intermediate_size: {4 * args.width}, max_position_embeddings: {args.seq_len}, "
               f"vocab_size: {args.vocab}}}")
     return [f"model.config={config}", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch_size}",
             f"data.val_fraction={args.val_fraction}", f"trainer.max_duration={args.batches}ba",
-            f"trainer.eval_interval={args.eval_every}ba", "trainer.precision=fp32", "trainer.progress_bar=false",
-            f"trainer.save_interval={args.batches}ba", f"run.seed={seed}", "callbacks={}", *args.override]
+            f"trainer.eval_interval={args.eval_every}ba", "trainer.precision=fp32",
+            f"trainer.save_interval={args.batches}ba", *common]
 
 
 def run_seeds(args) -> dict[int, list[dict]]:
-    paths = [str(ROOT / "yamls/bert_base_mlm.yaml"), *write_run_recipes(args)]
+    if args.task == "digits":
+        paths = [str(ROOT / path) for path in DIGITS]
+    else:
+        paths = [str(ROOT / "yamls/bert_base_mlm.yaml"), *write_run_recipes(args)]
     results = {}
     for seed in args.seeds:
         start = time.perf_counter()
@@ -118,10 +132,12 @@ def report(results: dict[int, list[dict]], args) -> str:
                          f"{len(reached)} of {len(quality)} seeds" + (f", {spread(reached, '.0f', ' s')}" if reached
                                                                        else "")
                          + (f"; final gap {spread(gaps, '+.4f', '')}" if gaps else ""))])
+    task = (f"digits MLP and ViT, {args.epochs} epochs" if args.task == "digits" else
+            f"BERT {args.layers} x {args.width}, masked LM, vocabulary {args.vocab}, batch {args.batch_size} x "
+            f"{args.seq_len}, {args.batches} batches, eval every {args.eval_every}")
     return "\n".join([
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; BERT {args.layers} x {args.width}, masked LM, "
-        f"batch {args.batch_size} x {args.seq_len}, {args.batches} batches, eval every {args.eval_every}; seeds "
-        f"{list(results)} (median, range)\n",
+        f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads; {task}; seeds {list(results)} "
+        f"(median, range)\n",
         markdown_table(["run", f"final {metric}", "training throughput vs baseline",
                         f"speed-up at matched {metric}", f"reached the baseline's final {metric}"], rows), ""])
 
@@ -148,8 +164,12 @@ def plot(results: dict[int, list[dict]], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", choices=["mlm", "digits"], default="mlm", help="mlm: a small BERT's masked-LM "
+                        "pre-training and --runs; digits: the quick-start's comparison (MLP + Factorize, FFF; ViT + "
+                        "FNet) for --epochs")
     parser.add_argument("--runs", default=",".join(RUNS), type=lambda s: s.split(","),
                         help=f"runs, each against the baseline (of: {', '.join(RUNS)})")
+    parser.add_argument("--epochs", type=int, default=24, help="--task digits: epochs per run")
     parser.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=256)

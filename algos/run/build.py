@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from composer import Trainer
 from composer.core import DataSpec, Time, TimeUnit
+from composer.models import HuggingFaceModel
 from composer.utils import reproducibility
 from omegaconf import DictConfig, OmegaConf
 
@@ -99,6 +100,11 @@ def build(config: DictConfig, *, for_training: bool = True) -> Built:
     model = MODELS.build(model_name, model_kwargs, "model")
     data_name, data_kwargs = _named(plain, "data")
     train, evaluation = DATA.build(data_name, data_kwargs, "data", spec=model.input_spec)
+    tokenizer = getattr(train, "tokenizer", None)
+    if tokenizer is not None and isinstance(model, HuggingFaceModel) and model.tokenizer is None:
+        # the tokenizer the data made the rows with (for text_mlm and friends, one trained on the text) is part of
+        # what the run learns: Composer saves a HuggingFaceModel's tokenizer in every checkpoint, export writes it
+        model.tokenizer = tokenizer
     optimizer_name, optimizer_kwargs = _named(plain, "optimizer")
     optimizer = OPTIMIZERS.build(optimizer_name, optimizer_kwargs, "optimizer", params=model.parameters())
     scheduler_name, scheduler_kwargs = _named(plain, "scheduler", required=False)

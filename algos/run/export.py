@@ -6,13 +6,14 @@ The base model is built from the run's resolved ``config.yaml`` (the run directo
 checkpoint's ``checkpoints/`` folder), the checkpoint loads into it with ``algos.load_model`` (a Composer checkpoint
 is a pickle: export only runs you trust; this is the one step that reads it), and the network inside the Composer
 model is saved (the HF model, or the module a ``ComposerClassifier`` wraps), so that it loads into that network
-built as before surgery.
+built as before surgery. An HF model's tokenizer, kept in the checkpoint, is saved beside it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from composer.models import ComposerClassifier, HuggingFaceModel
 from torch import nn
 
@@ -42,9 +43,24 @@ def export(source: str, out: str, *, overwrite: bool = False) -> Path:
     load_model(model, checkpoint)
     network = network_of(model)
     try:
-        return save_pretrained(network, out, overwrite=overwrite)
+        directory = save_pretrained(network, out, overwrite=overwrite)
     except PretrainedError as error:
         raise ConfigError(str(error)) from None
+    if isinstance(model, HuggingFaceModel):
+        save_checkpoint_tokenizer(checkpoint, directory)
+    return directory
+
+
+def save_checkpoint_tokenizer(checkpoint: Path, directory: Path) -> bool:
+    """Write the tokenizer a Composer checkpoint of an HF model holds into ``directory`` (``AutoTokenizer`` then
+    loads it from there), if it holds one; the run's tokenizer, not one rebuilt now: a WordPiece tokenizer trained
+    again on the same text can differ (see ``algos.run.data.text``). Returns whether one was written."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)  # load_model has read it already
+    hf_state = saved.get("state", {}).get("integrations", {}).get("huggingface", {})
+    if not hf_state.get("tokenizer"):
+        return False
+    HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state, tokenizer_save_dir=str(directory))
+    return True
 
 
 def network_of(model: nn.Module) -> nn.Module:

@@ -344,3 +344,30 @@ def test_export_turns_a_run_into_a_safe_directory_that_loads_without_unpickling(
                                          r"overwrite=True"):
         main(["export", str(run_dir / "checkpoints" / "latest-rank0.pt"), str(tmp_path / "out")])
     main(["export", str(run_dir / "checkpoints" / "latest-rank0.pt"), str(tmp_path / "out"), "--overwrite"])
+
+
+@pytest.mark.slow
+def test_a_text_run_keeps_the_tokenizer_it_trained_on_in_its_checkpoint_and_export(tmp_path):
+    """The WordPiece tokenizer text_mlm trains is not reproducible (huggingface/tokenizers#1794): the run's own goes
+    into its checkpoints and `algos export` writes it beside the weights, so the exported model reads text as trained."""
+    from transformers import AutoTokenizer
+
+    from algos.run.data.text import python_docs_corpus, word_piece_tokenizer
+    from algos.run.export import export
+
+    run_dir = tmp_path / "mlm"
+    tiny = ("{num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2, intermediate_size: 64, "
+            "max_position_embeddings: 32, vocab_size: 600}")
+    run(load_config([str(ROOT / "yamls/bert_base_mlm.yaml")], [
+        f"model.config={tiny}", "data.seq_len=32", "data.batch_size=4", "data.max_documents=40", "callbacks={}",
+        "loggers={}", "trainer.max_duration=1ba", "trainer.eval_interval=1ba", "trainer.save_interval=1ba",
+        "trainer.eval_subset_num_batches=1", "trainer.progress_bar=false", "trainer.precision=fp32",
+        f"run.dir={run_dir}"]), quiet=True)
+    trained_on = word_piece_tokenizer(python_docs_corpus()[:40], 600)  # this process's, the one the run used
+    saved = torch.load(run_dir / "checkpoints" / "latest-rank0.pt", weights_only=False)
+    assert saved["state"]["integrations"]["huggingface"]["tokenizer"]  # Composer kept the tokenizer's files
+    export(str(run_dir), str(tmp_path / "out"))
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert loaded.get_vocab() == trained_on.get_vocab() and len(loaded) == 600
+    text = "The with statement wraps a block in a context manager."
+    assert loaded(text)["input_ids"] == trained_on(text)["input_ids"]

@@ -14,15 +14,20 @@ DATA = Registry("data")
 
 
 def make_loaders(train: Dataset, val: Dataset, batch_size: int, eval_batch_size: int | None = None,
-                 num_workers: int = 0, collate_fn=None, eval_collate_fn="same") -> tuple[DataLoader, DataLoader]:
+                 num_workers: int = 0, collate_fn=None, eval_collate_fn="same",
+                 tokenizer=None) -> tuple[DataLoader, DataLoader]:
     """Composer-ready loaders: a distributed sampler each (so DDP splits the data), shuffled for training.
-    ``eval_collate_fn``: the val loader's, by default ``collate_fn``."""
+    ``eval_collate_fn``: the val loader's, by default ``collate_fn``. ``tokenizer``: the HF tokenizer that made
+    the rows, kept as both loaders' ``tokenizer`` (the runner hands it to the model, so checkpoints keep it)."""
     common = dict(num_workers=num_workers, persistent_workers=num_workers > 0)
     eval_collate_fn = collate_fn if eval_collate_fn == "same" else eval_collate_fn
-    return (DataLoader(train, batch_size=batch_size, sampler=dist.get_sampler(train, shuffle=True), drop_last=True,
-                       collate_fn=collate_fn, **common),
-            DataLoader(val, batch_size=eval_batch_size or batch_size, sampler=dist.get_sampler(val, shuffle=False),
-                       collate_fn=eval_collate_fn, **common))
+    loaders = (DataLoader(train, batch_size=batch_size, sampler=dist.get_sampler(train, shuffle=True),
+                          drop_last=True, collate_fn=collate_fn, **common),
+               DataLoader(val, batch_size=eval_batch_size or batch_size, sampler=dist.get_sampler(val, shuffle=False),
+                          collate_fn=eval_collate_fn, **common))
+    for loader in loaders:
+        loader.tokenizer = tokenizer
+    return loaders
 
 
 class DictDataset(Dataset):

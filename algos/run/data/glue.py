@@ -36,4 +36,4 @@ def glue(*, spec: InputSpec, task: str = "sst2", tokenizer: str = "bert-base-unc
     encoded = encoded.rename_column("label", "labels")
     val_split = "validation_matched" if task == "mnli" else "validation"
     return make_loaders(encoded["train"], encoded[val_split], batch_size, eval_batch_size,
-                    collate_fn=DataCollatorWithPadding(tok))
+                    collate_fn=DataCollatorWithPadding(tok), tokenizer=tok)

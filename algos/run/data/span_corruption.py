@@ -71,4 +71,4 @@ def span_corruption(*, spec: InputSpec, files: list[str] | None = None, dataset:
     else:
         rows = [{"input_ids": source + target, "labels": [-100] * len(source) + target} for source, target in pairs]
     train, val = split_rows(rows, val_fraction, batch_size, "rows")
-    return make_loaders(train, val, batch_size, collate_fn=pad_collate)
+    return make_loaders(train, val, batch_size, collate_fn=pad_collate, tokenizer=tok)

@@ -149,7 +149,7 @@ def text_mlm(*, spec: InputSpec, files: list[str] | None = None, dataset: str | 
     val_masked = DataCollatorForLanguageModeling(tok, mlm_probability=mlm_probability, seed=VAL_MASK_SEED)(
         [{"input_ids": row} for row in val])
     return make_loaders([{"input_ids": row} for row in train], DictDataset(**val_masked), batch_size,
-                        collate_fn=collate, eval_collate_fn=None)
+                        collate_fn=collate, eval_collate_fn=None, tokenizer=tok)
 
 
 # A sentence ends at . ! or ? followed by white space (a simple rule: abbreviations such as "e.g. x" split too).
@@ -189,4 +189,4 @@ def sentences(*, spec: InputSpec, files: list[str] | None = None, dataset: str |
     rows = list(dict.fromkeys((tok.cls_token_id, *row[:length], tok.sep_token_id) for row in ids))
     train, val = split_rows(rows, val_fraction, batch_size, "sentences")
     train, val = ([{"input_ids": list(row)} for row in split] for split in (train, val))
-    return make_loaders(train, val, batch_size, eval_batch_size, collate_fn=pad_collate)
+    return make_loaders(train, val, batch_size, eval_batch_size, collate_fn=pad_collate, tokenizer=tok)
