@@ -23,6 +23,7 @@ another schedule shows it here as a quality gap.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -35,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from algos.bench import markdown_table  # noqa: E402
 from algos.bench.timing import cpu_model  # noqa: E402
 from algos.run.compare import compare, main_metric  # noqa: E402
-from algos.run.quality import quality_curve  # noqa: E402
+from algos.run.quality import higher_is_better, quality_curve, time_to_reach  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,17 +117,35 @@ def spread(values: list[float], form: str = ".2f", unit: str = "x") -> str:
     return text if len(values) == 1 else f"{text} ({min(values):{form}}-{max(values):{form}})"
 
 
+def batches_ratio(run: dict, baseline: dict, metric: str) -> float | None:
+    """Quality per step: the batches the baseline took to the quality the run ends with, over the run's own (below
+    1: the run needs more steps). Speed-up at matched quality ~ this x the throughput ratio."""
+    def curve(summary):
+        return [(batch, metrics[metric]) for batch, metrics in summary["history"]["eval"] if metric in metrics]
+
+    if not curve(run) or not curve(baseline):
+        return None
+    quality, higher = curve(run)[-1][1], higher_is_better(metric)
+    theirs, ours = time_to_reach(curve(baseline), quality, higher), time_to_reach(curve(run), quality, higher)
+    return theirs / ours if theirs and ours else None
+
+
 def report(results: dict[int, list[dict]], args) -> str:
     names = [s["name"] for s in next(iter(results.values()))]
     metric = main_metric(next(iter(results.values())))
     rows = []
     for name in names:
         runs = [next(s for s in summaries if s["name"] == name) for summaries in results.values()]
+        baselines = [next(s for s in summaries if s["group"] == run["group"]) for run, summaries in
+                     zip(runs, results.values(), strict=True)]  # a group's first run is its baseline
+        steps = [r for r in (batches_ratio(run, base, metric) for run, base in zip(runs, baselines, strict=True)
+                             if run is not base) if r]
         quality = [r["time_to_quality"] for r in runs if r.get("time_to_quality")]
         reached = [q["time_to_baseline"] for q in quality if q["time_to_baseline"] is not None]
         gaps = [q["gap"] for q in quality if q["gap"] is not None]
         rows.append([name, spread([r["metrics"].get(metric, float("nan")) for r in runs], ".4f", ""),
                      spread([r["speedup"] for r in runs]),
+                     "baseline" if not quality else spread(steps),
                      "baseline" if not quality else spread([q["speedup"] for q in quality if q["speedup"]]),
                      "baseline" if not quality else (
                          f"{len(reached)} of {len(quality)} seeds" + (f", {spread(reached, '.0f', ' s')}" if reached
@@ -139,6 +158,7 @@ def report(results: dict[int, list[dict]], args) -> str:
         f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads; {task}; seeds {list(results)} "
         f"(median, range)\n",
         markdown_table(["run", f"final {metric}", "training throughput vs baseline",
+                        "baseline's batches / run's to the run's final quality",
                         f"speed-up at matched {metric}", f"reached the baseline's final {metric}"], rows), ""])
 
 
@@ -182,10 +202,15 @@ def main() -> None:
                         "evaluated each time)")
     parser.add_argument("--out", default="runs/time_to_quality")
     parser.add_argument("--plot", default=None, help="write the accuracy-over-time plot here (PNG)")
+    parser.add_argument("--from-results", action="store_true", help="train nothing: report on --out's results")
     parser.add_argument("override", nargs="*", help="more key=value overrides for every run")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    results = run_seeds(args)
+    if args.from_results:  # the table and plot again from a finished benchmark's --out
+        results = {int(path.parent.name.removeprefix("seed")): json.loads(path.read_text())
+                   for path in sorted(Path(args.out).glob("seed*/results.json"))}
+    else:
+        results = run_seeds(args)
     if args.plot:
         plot(results, args.plot)
     print(report(results, args))

@@ -78,6 +78,9 @@ def test_time_to_quality_benchmark_judges_each_recipe_against_its_seed_baseline(
     config = OmegaConf.load(tmp_path / "runs" / "seed0" / "bert_base_mlm+fff_leaf" / "config.yaml")
     assert config.model.config.vocab_size == 512 and config.algorithms.fff.form == "leaf"
     assert (tmp_path / "runs" / "seed0" / "results.json").exists() and plot.stat().st_size > 10_000
+    again = run_benchmark("benchmarks/time_to_quality.py", "--from-results", "--out", str(tmp_path / "runs"))
+    table = [line for line in out.splitlines() if line.startswith("| bert_base_mlm")][-3:]  # the benchmark's own
+    assert [line for line in again.splitlines() if line.startswith("| bert_base_mlm")] == table
 
 
 @pytest.mark.slow

@@ -346,10 +346,9 @@ def test_export_turns_a_run_into_a_safe_directory_that_loads_without_unpickling(
     main(["export", str(run_dir / "checkpoints" / "latest-rank0.pt"), str(tmp_path / "out"), "--overwrite"])
 
 
-@pytest.mark.slow
 def test_a_text_run_keeps_the_tokenizer_it_trained_on_in_its_checkpoint_and_export(tmp_path):
     """The WordPiece tokenizer text_mlm trains is not reproducible (huggingface/tokenizers#1794): the run's own goes
-    into its checkpoints and `algos export` writes it beside the weights, so the exported model reads text as trained."""
+    into its checkpoints and `algos export` writes it beside the weights: the exported model reads text as trained."""
     from transformers import AutoTokenizer
 
     from algos.run.data.text import python_docs_corpus, word_piece_tokenizer
