@@ -142,11 +142,13 @@ def heal(args) -> str:
         POINTS[name](net, calibration, args)
         if args.steps:  # --steps 0: the surgery and its fitting only
             distill(net, original, train_batches, steps=args.steps,
-                    **recipe(name, argparse.Namespace(lr=args.lr, steps=str(args.steps))))
+                    **recipe(name, argparse.Namespace(lr=args.lr, steps=str(args.steps)),
+                             similarity_weight=args.similarity_weight))
         seconds = time.perf_counter() - start
         label = name + (f", {args.steps} steps" if args.steps != STEPS else "") + (
             f", {args.calibration_batches} calibration batches" if args.calibration_batches != CALIBRATION else "") + (
             ", sequential" if args.sequential else "") + (
+            f", similarity {args.similarity_weight:g}" if args.similarity_weight else "") + (
             f", healed on docs + {args.docstrings} docstrings" if args.docstrings else "")
         save_pretrained(net, work / slug(label), overwrite=True)
         (work / slug(label) / "frontier.json").write_text(json.dumps(
@@ -406,6 +408,8 @@ def main() -> None:
     parser.add_argument("--sequential", action="store_true",
                         help="Factorize and FFF fit each target on the inputs it gets with the earlier ones converted")
     parser.add_argument("--lr", type=float, default=7e-4, help="distillation AdamW peak learning rate")
+    parser.add_argument("--similarity-weight", type=float, default=0.0,
+                        help="distill's similarity_weight (in-batch pairwise cosines, relational distillation)")
     parser.add_argument("--calibration-batches", type=int, default=CALIBRATION,
                         help="training batches of 16 for calibration")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="the sentences data's held-out share")

@@ -36,6 +36,7 @@ class SelfDistillation(Algorithm):
 
         loss = task_weight * loss + hidden_weight * mean_b MSE(h_b, h_b^teacher) + logit_weight * T^2 * KL(...)
                + embedding_weight * mean_i (1 - cos(e_i, e_i^teacher))
+               + similarity_weight * mean_{i<j} (cos(e_i, e_j) - cos(e_i^teacher, e_j^teacher))^2
 
     The teacher is frozen and never part of ``state.model`` (so DDP never wraps it); it runs on the same batch under
     ``torch.no_grad`` in eval mode, on the student's device. Which teacher:

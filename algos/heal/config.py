@@ -34,15 +34,20 @@ class DistillConfig(SurgeryConfig):
                                                   "hidden state, sentence-transformers' mean pooling); None: 1.0 when "
                                                   "the model is an encoder (its output has a last_hidden_state and no "
                                                   "logits, e.g. a sentence encoder), else 0")
+    similarity_weight: float = setting(0.0, "weight of the MSE between the student's and the teacher's in-batch "
+                                            "matrices of pairwise cosine similarities of the sentence embeddings "
+                                            "(relational distillation: the geometry between sentences that "
+                                            "retrieval and ranking read)")
     task_weight: float = setting(0.0, "weight of the model's own loss (0: pure distillation, no labels needed)")
 
     def check(self) -> None:
-        self.require_number("hidden_weight", "logit_weight", "task_weight")
+        self.require_number("hidden_weight", "logit_weight", "similarity_weight", "task_weight")
         if self.embedding_weight is not None:  # None: chosen from the model's output (the help above)
             self.require_number("embedding_weight")
         self.require_number("temperature", strictly=True)
-        if self.hidden_weight == 0 and self.logit_weight == 0 and self.embedding_weight == 0:
-            raise self.error("hidden_weight, logit_weight and embedding_weight are all 0: nothing to distill.")
+        if self.hidden_weight == self.logit_weight == self.embedding_weight == self.similarity_weight == 0:
+            raise self.error("hidden_weight, logit_weight, embedding_weight and similarity_weight are all 0: nothing "
+                             "to distill.")
         if self.layers is not None and self.hidden_weight == 0:
             raise self.error(f"layers={self.layers!r} has no effect with hidden_weight=0 (layers chooses the "
                              f"hidden states matched); remove layers or set hidden_weight > 0.")

@@ -6,6 +6,7 @@ The loss (TinyBERT's per-layer hidden-state MSE plus Hinton et al.'s temperature
     L = hidden_weight    * 1/|B| * sum_{b in B} MSE(h_b^student, h_b^teacher)
       + logit_weight     * T^2 * KL(softmax(z^teacher / T) || softmax(z^student / T)) (only if the model has logits)
       + embedding_weight * mean_i (1 - cos(e_i^student, e_i^teacher))                 (sentence embeddings)
+      + similarity_weight * mean_{i<j} (cos(e_i^s, e_j^s) - cos(e_i^t, e_j^t))^2     (their pairwise geometry)
       + task_weight      * L_task                                                       (the model's own loss)
 
 B: the boundary modules both models share, matched by name (their outputs, read with forward hooks); MSE is the
@@ -16,6 +17,10 @@ T^2 keeps the logit gradients' scale independent of T (Hinton et al., 2015).
 e_i is sentence i's embedding, sentence-transformers' mean pooling: e_i = sum_t m_it h_it / sum_t m_it over the final
 hidden state h (the output's ``last_hidden_state``) with the batch's attention mask m. On all-MiniLM-L6-v2 this term
 heals more than the per-layer MSE when the surgery changes how tokens mix (FNet): see the heal method card.
+The similarity term is relational distillation (Park et al., 2019, "Relational Knowledge Distillation"; Tung & Mori,
+2019, "Similarity-Preserving Knowledge Distillation"): it matches how the batch's sentences relate to each other,
+which is what a search or ranking over the embeddings reads (the Spearman of pairwise similarities in the heal
+benchmarks), rather than each embedding on its own.
 """
 
 from __future__ import annotations
@@ -70,6 +75,16 @@ def sentence_embeddings(output, batch) -> torch.Tensor | None:
     return mean_pool(hidden, batch.get("attention_mask") if isinstance(batch, dict) else None)
 
 
+def pairwise_cosines(embeddings: torch.Tensor | None, config: DistillConfig) -> torch.Tensor:
+    """cos(e_i, e_j) for every pair i < j of the batch's sentence embeddings ``(batch, dim)``, as a vector."""
+    if embeddings is None:
+        raise config.error("similarity_weight > 0 needs sentence embeddings (an output with last_hidden_state, or a "
+                           "tensor), and the model returned none; use similarity_weight=0.")
+    unit = F.normalize(embeddings, dim=-1)
+    i, j = torch.triu_indices(len(unit), len(unit), offset=1, device=unit.device)
+    return (unit[i] * unit[j]).sum(-1)
+
+
 def distillation_loss(student_output, teacher_output, student_hidden: dict, teacher_hidden: dict,
                       config: DistillConfig, batch=None, *, encoder_decoder: bool = False) -> torch.Tensor:
     """hidden_weight * mean_b MSE(h_b^s, h_b^t) + logit_weight * T^2 * KL(softmax(z^t/T) || softmax(z^s/T))
@@ -111,6 +126,11 @@ def distillation_loss(student_output, teacher_output, student_hidden: dict, teac
                                f"{type(student_output).__name__}; use embedding_weight=0.")
         cosine = F.cosine_similarity(student_embeddings, teacher_embeddings, dim=-1)
         terms.append(embedding_weight * (1 - cosine).mean())
+    if config.similarity_weight > 0:
+        pairs = [pairwise_cosines(sentence_embeddings(output, batch), config) for output in (student_output,
+                                                                                            teacher_output)]
+        # the mean over pairs; a batch of one sentence has none and adds 0
+        terms.append(config.similarity_weight * (pairs[0] - pairs[1]).square().sum() / max(1, pairs[0].numel()))
     if not terms and config.hidden_weight == 0 and config.logit_weight == 0:
         raise config.error("hidden_weight and logit_weight are 0 and embedding_weight=None leaves the embedding term "
                            "off (the model's output is not an encoder's: is_encoder_output): nothing to distill; set "

@@ -123,6 +123,43 @@ def test_embedding_term_is_one_minus_the_cosine_of_mean_pooled_sentence_embeddin
                               sentence_embeddings(teacher_output, batch), atol=1e-5)
 
 
+def test_similarity_term_is_the_mse_of_the_pairwise_cosines_of_sentence_embeddings():
+    torch.manual_seed(0)
+    teacher = BertModel(tiny_bert_config()).eval()
+    student = fnet_student(teacher).eval()
+    batch = unlabeled(1)[0]
+    batch["attention_mask"][1, 6:] = 0
+    config = DistillConfig(hidden_weight=0, logit_weight=0, embedding_weight=0, similarity_weight=3.0)
+    with torch.no_grad():
+        student_output, teacher_output = call(student, batch), call(teacher, batch)
+        loss = distillation_loss(student_output, teacher_output, {}, {}, config, batch)
+        same = distillation_loss(teacher_output, teacher_output, {}, {}, config, batch)
+        one = {key: value[:1] for key, value in batch.items()}
+        single = distillation_loss(call(student, one), call(teacher, one), {}, {}, config, one)
+
+    # reference: the full matrix of cosines between the mean-pooled sentences, its strictly upper triangle
+    def similarities(output):
+        e = sentence_embeddings(output, batch)
+        return F.cosine_similarity(e[:, None], e[None], dim=-1)[tuple(torch.triu_indices(4, 4, offset=1))]
+    expected = 3.0 * (similarities(student_output) - similarities(teacher_output)).square().mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and loss.item() > 1e-5
+    assert same.item() == 0 and single.item() == 0  # the teacher's own geometry; a single sentence has no pair
+    # the term reads directions only: scaling one sentence's states leaves it unchanged
+    scaled = copy.copy(student_output)
+    scaled.last_hidden_state = student_output.last_hidden_state * torch.tensor([1.0, 5.0, 1.0, 0.5])[:, None, None]
+    assert distillation_loss(scaled, teacher_output, {}, {}, config, batch).item() == pytest.approx(loss.item(),
+                                                                                                   rel=1e-5)
+
+
+def test_similarity_only_distillation_trains():
+    torch.manual_seed(0)
+    teacher = BertModel(tiny_bert_config())
+    student = fnet_student(teacher)
+    history = distill(student, teacher, unlabeled(2), steps=30, lr=3e-3, hidden_weight=0, embedding_weight=0,
+                      similarity_weight=10.0)
+    assert history[0] > 0 and history[-1] < 0.5 * history[0]
+
+
 def test_embedding_only_distillation_trains():
     torch.manual_seed(0)
     teacher = BertModel(tiny_bert_config())
@@ -175,7 +212,7 @@ class Features(nn.Module):
 
 @pytest.mark.parametrize("case", ["teacher_without_the_boundaries", "no_hidden_states_or_logits", "layers_name_nothing",
                                   "student_without_the_boundaries", "no_labels_for_the_task_loss",
-                                  "embedding_without_a_final_hidden_state"])
+                                  "embedding_without_a_final_hidden_state", "similarity_without_embeddings"])
 def test_bad_input_is_a_one_line_error_with_nothing_changed(case):
     student, batches, kwargs = bert(), unlabeled(1), {}
     teacher = copy.deepcopy(student)
@@ -194,6 +231,10 @@ def test_bad_input_is_a_one_line_error_with_nothing_changed(case):
         student, batches = Features(), [torch.randn(2, 8)]
         teacher = copy.deepcopy(student)
         kwargs, message = {"embedding_weight": 1.0}, "embedding_weight=1.0 needs a final hidden state"
+    elif case == "similarity_without_embeddings":
+        student, batches = Features(), [torch.randn(2, 8)]
+        teacher = copy.deepcopy(student)
+        kwargs, message = {"similarity_weight": 1.0}, "similarity_weight > 0 needs sentence embeddings"
     else:
         kwargs, message = {"task_weight": 1.0}, "needs the model's own loss"
     before = weights(student)
@@ -205,6 +246,7 @@ def test_bad_input_is_a_one_line_error_with_nothing_changed(case):
 
 @pytest.mark.parametrize(("kwargs", "message"), [({"temperature": 0}, "temperature=0 must be a number > 0"),
                                                  ({"hidden_weight": -1}, "hidden_weight=-1 must be"),
+                                                 ({"similarity_weight": -1}, "similarity_weight=-1 must be"),
                                                  ({"hidden_weight": 0, "logit_weight": 0, "embedding_weight": 0},
                                                   "nothing to distill"),
                                                  ({"hidden_weight": 0, "layers": ["bert.encoder.layer.0"]},
