@@ -15,9 +15,12 @@ evaluation scores the same tokens. ``--task digits`` judges the quick-start's im
 accuracy against training time, one panel per seed.
 
 A run is a stack of ``recipes/`` files plus settings of their algorithms (``RUNS``), written as one recipe into
-``--out/recipes/`` so that ``algos compare`` names and runs it like any recipe. The runs share one learning-rate recipe
-(the base YAML's: AdamW 5e-4, linear warm-up 6% and decay), tuned for none of them; a surgery that would gain from
-another schedule shows it here as a quality gap.
+``--out/recipes/`` so that ``algos compare`` names and runs it like any recipe. Without ``--lrs`` the runs share the
+base YAML's learning rate (AdamW 5e-4, linear warm-up 6% and decay), tuned for none of them. With ``--lrs`` each run,
+the baseline included, is tuned the same way first: trained once per learning rate on ``--tune-seed`` (same batches
+and schedule, one evaluation at the end), it keeps the rate with the best final quality (``--out/tune.json``), written
+into its recipe (and the baseline's into a copy of the base YAML) for the timed seeds. Tuning times nothing, so its
+runs may share the cores (``--tune-jobs``); the timed seeds run one at a time.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,11 +60,16 @@ RUNS = {
 }
 
 
-def write_run_recipes(args) -> list[str]:
-    """One recipe YAML per ``--runs`` entry in ``--out/recipes/``: its recipes merged, its settings applied."""
+BASE = ROOT / "yamls/bert_base_mlm.yaml"
+BASELINE = "baseline"  # the base YAML alone, in --out/tune.json's learning rates
+
+
+def write_run_recipes(args, lrs: dict[str, float] | None = None, folder: str = "recipes") -> list[str]:
+    """One recipe YAML per ``--runs`` entry in ``--out/<folder>/``: its recipes merged, its settings applied, and its
+    tuned learning rate where ``lrs`` has one."""
     from omegaconf import OmegaConf
 
-    folder = Path(args.out) / "recipes"
+    folder = Path(args.out) / folder
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name in args.runs:
@@ -71,11 +80,80 @@ def write_run_recipes(args) -> list[str]:
         algorithm = next(iter(config.algorithms)) if settings else None  # settings are for the first one's
         config = OmegaConf.merge(config, OmegaConf.from_dotlist(
             [f"algorithms.{algorithm}.{s.format(width=args.width)}" for s in settings]))
+        tuned = f"; learning rate {lrs[name]:g} (tuned)" if lrs else ""
+        if lrs:
+            config.optimizer = {"lr": lrs[name]}  # merged over the base YAML's optimizer: only the rate changes
         path = folder / f"{name}.yaml"
         path.write_text(f"# {' + '.join(files)}" + (f" with {', '.join(settings)}" if settings else "").format(
-            width=args.width) + "\n" + OmegaConf.to_yaml(config))
+            width=args.width) + tuned + "\n" + OmegaConf.to_yaml(config))
         paths.append(str(path))
     return paths
+
+
+def write_tuned_base(args, lr: float) -> str:
+    """The base YAML with the baseline's tuned learning rate, under its own name (the runs' names stay the same)."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(BASE)
+    config.optimizer.lr = lr
+    path = Path(args.out) / "base" / BASE.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {BASE.relative_to(ROOT)} with the baseline's tuned learning rate {lr:g}\n"
+                    + OmegaConf.to_yaml(config))
+    return str(path)
+
+
+def _train(files: list[str], settings: list[str], threads: int) -> subprocess.Popen:
+    """One tuning run as its own ``algos run`` process (a Python process of its own: transformers' masked-LM collator
+    refuses to seed inside a multiprocessing worker)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.Popen([sys.executable, "-m", "algos.run", *files, *settings], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def tune(args) -> dict:
+    """Each run's (and the baseline's) learning rate: the one of ``--lrs`` whose ``--tune-seed`` run ends with the best
+    quality on the held-out rows. Returns ``{"metric", "quality": {run: {lr: value}}, "chosen": {run: lr}}``."""
+    recipes = dict(zip(args.runs, write_run_recipes(args, folder="tune/recipes"), strict=True))
+    jobs = {}
+    for lr in args.lrs:
+        for name in [BASELINE, *args.runs]:
+            files = [str(BASE)] + ([recipes[name]] if name in recipes else [])
+            out = Path(args.out) / "tune" / f"{name}_lr{lr:g}"
+            settings = [*overrides(args, args.tune_seed), f"optimizer.lr={lr}",
+                        f"trainer.eval_interval={args.batches}ba", f"run.name={out.name}", f"run.dir={out}",
+                        "run.overwrite=true"]
+            jobs[name, lr] = (files, settings)
+    threads, start, waiting, running = max(1, torch.get_num_threads() // args.tune_jobs), time.perf_counter(), list(
+        jobs), []
+    while waiting or running:  # at most --tune-jobs at once
+        while waiting and len(running) < args.tune_jobs:
+            key = waiting.pop(0)
+            running.append((key, _train(*jobs[key], threads)))
+        key, process = running.pop(0)
+        if process.wait() != 0:
+            raise SystemExit(f"tuning run {key[0]} at lr {key[1]:g} failed:\n{process.stderr.read()[-3000:]}")
+    metrics = {key: json.loads((Path(args.out) / "tune" / f"{key[0]}_lr{key[1]:g}" / "summary.json").read_text())[
+        "metrics"] for key in jobs}
+    metric = main_metric([{"metrics": m} for m in metrics.values()])
+    higher = higher_is_better(metric)
+    quality = {name: {f"{lr:g}": metrics[name, lr].get(metric) for lr in args.lrs} for name in [BASELINE, *args.runs]}
+    chosen = {name: float((max if higher else min)((lr for lr, value in values.items() if value is not None),
+                                                   key=values.__getitem__)) for name, values in quality.items()}
+    print(time.strftime("%H:%M:%S"), f"tuning in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    tuned = {"metric": metric, "seed": args.tune_seed, "quality": quality, "chosen": chosen}
+    (Path(args.out) / "tune.json").write_text(json.dumps(tuned, indent=1))
+    return tuned
+
+
+def tuning_table(tuned: dict) -> str:
+    """Each run's final quality per learning rate on the tuning seed, the kept one in bold."""
+    lrs = sorted({lr for values in tuned["quality"].values() for lr in values}, key=float)
+    rows = [[name, *(("**{:.4f}**" if float(lr) == tuned["chosen"][name] else "{:.4f}").format(values[lr])
+                     if values.get(lr) is not None else "-" for lr in lrs)]
+            for name, values in tuned["quality"].items()]
+    return (f"Learning rate per run: final {tuned['metric']} on seed {tuned['seed']} (bold: kept)\n\n"
+            + markdown_table(["run", *(f"lr {lr}" for lr in lrs)], rows) + "\n")
 
 
 # --task digits: the quick-start's comparison (scikit-learn's digits, offline), each base with its recipes
@@ -97,11 +175,14 @@ def overrides(args, seed: int) -> list[str]:
             f"trainer.save_interval={args.batches}ba", *common]
 
 
-def run_seeds(args) -> dict[int, list[dict]]:
+def run_seeds(args, tuned: dict | None = None) -> dict[int, list[dict]]:
     if args.task == "digits":
         paths = [str(ROOT / path) for path in DIGITS]
+    elif tuned:
+        lrs = tuned["chosen"]
+        paths = [write_tuned_base(args, lrs[BASELINE]), *write_run_recipes(args, lrs)]
     else:
-        paths = [str(ROOT / "yamls/bert_base_mlm.yaml"), *write_run_recipes(args)]
+        paths = [str(BASE), *write_run_recipes(args)]
     results = {}
     for seed in args.seeds:
         start = time.perf_counter()
@@ -200,19 +281,31 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096, help="WordPiece vocabulary (trained on the text)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of the text (all of it is "
                         "evaluated each time)")
+    parser.add_argument("--lrs", default=None, type=lambda s: [float(x) for x in s.split(",")],
+                        help="tune each run's learning rate (the baseline's too) over these first, e.g. 5e-4,1e-3,2e-3")
+    parser.add_argument("--tune-seed", type=int, default=0, help="--lrs: the seed the rates are tuned on")
+    parser.add_argument("--tune-jobs", type=int, default=1, help="--lrs: tuning runs at once (each gets the threads / "
+                        "this); tuning times nothing")
     parser.add_argument("--out", default="runs/time_to_quality")
     parser.add_argument("--plot", default=None, help="write the accuracy-over-time plot here (PNG)")
     parser.add_argument("--from-results", action="store_true", help="train nothing: report on --out's results")
     parser.add_argument("override", nargs="*", help="more key=value overrides for every run")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    if args.from_results:  # the table and plot again from a finished benchmark's --out
+    if args.lrs and args.task != "mlm":
+        raise SystemExit("--lrs: learning-rate tuning is for --task mlm")
+    tuning = Path(args.out) / "tune.json"
+    if args.from_results:  # the tables and plot again from a finished benchmark's --out
+        tuned = json.loads(tuning.read_text()) if tuning.exists() else None
         results = {int(path.parent.name.removeprefix("seed")): json.loads(path.read_text())
                    for path in sorted(Path(args.out).glob("seed*/results.json"))}
     else:
-        results = run_seeds(args)
+        tuned = tune(args) if args.lrs else None
+        results = run_seeds(args, tuned)
     if args.plot:
         plot(results, args.plot)
+    if tuned:
+        print(tuning_table(tuned))
     print(report(results, args))
 
 
