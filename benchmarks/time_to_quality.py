@@ -1,6 +1,8 @@
 """Time to quality (issue 26): does a run with a surgery reach the baseline's quality sooner, Composer's way?
 
     .venv/bin/python benchmarks/time_to_quality.py --out runs/ttq --plot docs/time_to_quality.png   # minutes per run
+    .venv/bin/python benchmarks/time_to_quality.py --out runs/ttq_tuned --batches 300 --eval-every 30 \
+        --lrs 5e-4,1e-3,2e-3 --tune-jobs 2   # each run's learning rate tuned first (about 2 hours on 2 cores)
     .venv/bin/python benchmarks/time_to_quality.py --batches 2 --eval-every 1 --seeds 0 --runs fnet_hybrid  # smoke
     .venv/bin/python benchmarks/time_to_quality.py --task digits --out runs/ttq_digits   # about a minute per seed
 

@@ -11,6 +11,10 @@ better, <= q for a loss or an error).
   where t(q) is the first time the curve reaches q. Above 1x: the run got there sooner. When the baseline never
   reaches q_run (the run ends better than the baseline ever was), it is at least t_baseline(end) / t_run(q_run).
 * time to the baseline's final quality q_base: t_run(q_base), or not reached with the gap q_run - q_base.
+
+A baseline whose every evaluation reads the same value (a fixed reference, such as the unchanged pretrained model a
+healing run is scored against: cosine 1.0 from the first eval) has no learning curve to match, so the speed-up is
+``n/a`` there; the time to its quality (or the gap) still stands.
 """
 
 from __future__ import annotations
@@ -84,6 +88,9 @@ def time_to_quality(run: dict, baseline: dict, metric: str | None) -> TimeToQual
     result = TimeToQuality(time_to_baseline=time_to_reach(run_curve, base_final, higher))
     if result.time_to_baseline is None:
         result.gap = final - base_final
+    if len(base_curve) > 1 and len({value for _, value in base_curve}) == 1:
+        result.note = f"n/a (baseline flat at {base_final:.4g})"
+        return result
     run_time = time_to_reach(run_curve, final, higher)
     base_time = time_to_reach(base_curve, final, higher)
     if base_time is None:

@@ -1,6 +1,6 @@
 """Time to quality on hand-made run histories: interpolation between evals, metrics where lower is better, a
-quality that is never reached, ties, runs that end above anything the baseline reached, and the table's messages
-for a run or baseline without the metric."""
+quality that is never reached, ties, a flat baseline, runs that end above anything the baseline reached, and the
+table's messages for a run or baseline without the metric."""
 
 import pytest
 
@@ -56,6 +56,17 @@ def test_lower_is_better_metric_and_missing_evals():
     assert time_to_quality(run, summary("base", []), "LanguageCrossEntropy").speedup_text() == "baseline has no eval"
     assert time_to_quality(summary("run", []), baseline, "LanguageCrossEntropy").time_text() == "no eval"
     assert time_to_quality(run, baseline, None).speedup_text() == "no shared metric"
+
+
+def test_a_flat_baseline_has_no_speedup_to_match():
+    """A healing run is scored against the unchanged model (cosine 1.0 at every eval): no curve, no speed-up."""
+    reference = summary("base", [(10.0, 1.0), (20.0, 1.0)], metric="EmbeddingCosine")
+    healed = summary("healed", [(10.0, 0.90), (20.0, 0.95)], metric="EmbeddingCosine")
+    result = time_to_quality(healed, reference, "EmbeddingCosine")
+    assert result.speedup is None and result.speedup_text() == "n/a (baseline flat at 1)"
+    assert result.time_text() == "not reached (gap -0.0500)"
+    one_eval = time_to_quality(healed, summary("base", [(20.0, 1.0)], metric="EmbeddingCosine"), "EmbeddingCosine")
+    assert one_eval.speedup is not None  # a single evaluation is not a flat curve
 
 
 def test_compare_table_has_the_time_to_quality_columns():
