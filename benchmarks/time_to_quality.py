@@ -21,8 +21,9 @@ A run is a stack of ``recipes/`` files plus settings of their algorithms (``RUNS
 base YAML's learning rate (AdamW 5e-4, linear warm-up 6% and decay), tuned for none of them. With ``--lrs`` each run,
 the baseline included, is tuned the same way first: trained once per learning rate on ``--tune-seed`` (same batches
 and schedule, one evaluation at the end), it keeps the rate with the best final quality (``--out/tune.json``), written
-into its recipe (and the baseline's into a copy of the base YAML) for the timed seeds. Tuning times nothing, so its
-runs may share the cores (``--tune-jobs``); the timed seeds run one at a time.
+into its recipe (and the baseline's into a copy of the base YAML) for the timed seeds; run again with the same
+``--out``, it reuses that file. Tuning times nothing, so its runs may share the cores (``--tune-jobs``); the timed
+seeds run one at a time.
 """
 
 from __future__ import annotations
@@ -146,6 +147,19 @@ def tune(args) -> dict:
     tuned = {"metric": metric, "seed": args.tune_seed, "quality": quality, "chosen": chosen}
     (Path(args.out) / "tune.json").write_text(json.dumps(tuned, indent=1))
     return tuned
+
+
+def earlier_tuning(args, path: Path) -> dict | None:
+    """``--out``'s tune.json when it tuned the same runs over the same rates on the same seed (so that timed seeds can
+    be run again without tuning again), else None."""
+    if not path.exists():
+        return None
+    tuned = json.loads(path.read_text())
+    same = (tuned["seed"] == args.tune_seed and set(tuned["quality"]) == {BASELINE, *args.runs}
+            and all(set(values) == {f"{lr:g}" for lr in args.lrs} for values in tuned["quality"].values()))
+    if same:
+        print(f"learning rates from {path} (tuned earlier): {tuned['chosen']}", file=sys.stderr)
+    return tuned if same else None
 
 
 def tuning_table(tuned: dict) -> str:
@@ -302,7 +316,7 @@ def main() -> None:
         results = {int(path.parent.name.removeprefix("seed")): json.loads(path.read_text())
                    for path in sorted(Path(args.out).glob("seed*/results.json"))}
     else:
-        tuned = tune(args) if args.lrs else None
+        tuned = (earlier_tuning(args, tuning) or tune(args)) if args.lrs else None
         results = run_seeds(args, tuned)
     if args.plot:
         plot(results, args.plot)

@@ -1,6 +1,8 @@
 """The benchmark scripts still run (tiny sizes, one repeat; nothing about their timings is asserted: the machine is
 shared and noisy, and speed is checked by running them, see docs/BENCHMARKS.md)."""
 
+import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -109,3 +111,18 @@ def test_export_benchmark_runs_every_surgery_in_onnxruntime_and_agrees_with_eage
                     "all-FNet rfft"):
         assert {f"{surgery}, eager", f"{surgery}, onnx"} <= names
     assert all(float(row[-1]) < 1e-4 for row in rows)  # every ONNX model computes what its eager model does
+
+
+def test_time_to_quality_reuses_a_tuning_only_for_the_same_runs_rates_and_seed(tmp_path):
+    spec = importlib.util.spec_from_file_location("time_to_quality", ROOT / "benchmarks" / "time_to_quality.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    tuned = {"metric": "MaskedAccuracy", "seed": 0, "chosen": {"baseline": 0.001, "fnet": 0.002},
+             "quality": {name: {"0.001": 0.2, "0.002": 0.1} for name in ("baseline", "fnet")}}
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps(tuned))
+    same = argparse.Namespace(runs=["fnet"], lrs=[1e-3, 2e-3], tune_seed=0)
+    assert benchmark.earlier_tuning(same, path) == tuned
+    for other in ({"runs": ["fnet", "fff"]}, {"lrs": [1e-3, 4e-3]}, {"tune_seed": 1}):
+        assert benchmark.earlier_tuning(argparse.Namespace(**{**vars(same), **other}), path) is None
+    assert benchmark.earlier_tuning(same, tmp_path / "missing.json") is None
