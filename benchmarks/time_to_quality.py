@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/time_to_quality.py --out runs/ttq --plot docs/time_to_quality.png   # minutes per run
     .venv/bin/python benchmarks/time_to_quality.py --out runs/ttq_tuned --batches 300 --eval-every 30 \
-        --lrs 5e-4,1e-3,2e-3 --tune-jobs 2   # each run's learning rate tuned first (about 2 hours on 2 cores)
+        --lrs 2.5e-4,5e-4,1e-3 --tune-jobs 2 --metric LanguageCrossEntropy   # learning rates tuned first
     .venv/bin/python benchmarks/time_to_quality.py --batches 2 --eval-every 1 --seeds 0 --runs fnet_hybrid  # smoke
     .venv/bin/python benchmarks/time_to_quality.py --task digits --out runs/ttq_digits   # about a minute per seed
 
@@ -21,9 +21,9 @@ A run is a stack of ``recipes/`` files plus settings of their algorithms (``RUNS
 base YAML's learning rate (AdamW 5e-4, linear warm-up 6% and decay), tuned for none of them. With ``--lrs`` each run,
 the baseline included, is tuned the same way first: trained once per learning rate on ``--tune-seed`` (same batches
 and schedule, one evaluation at the end), it keeps the rate with the best final quality (``--out/tune.json``), written
-into its recipe (and the baseline's into a copy of the base YAML) for the timed seeds; run again with the same
-``--out``, it reuses that file. Tuning times nothing, so its runs may share the cores (``--tune-jobs``); the timed
-seeds run one at a time.
+into its recipe (and the baseline's into a copy of the base YAML) for the timed seeds. Run again with the same
+``--out``, a tuning run already finished with the same config is not trained again (a wider grid costs only the new
+rates). Tuning times nothing, so its runs may share the cores (``--tune-jobs``); the timed seeds run one at a time.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from algos.bench import markdown_table  # noqa: E402
 from algos.bench.timing import cpu_model  # noqa: E402
 from algos.run.compare import compare, main_metric  # noqa: E402
-from algos.run.quality import higher_is_better, quality_curve, time_to_reach  # noqa: E402
+from algos.run.quality import higher_is_better, quality_curve, time_to_quality, time_to_reach  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,19 +114,32 @@ def _train(files: list[str], settings: list[str], threads: int) -> subprocess.Po
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def finished_as(run_dir: Path, files: list[str], settings: list[str]) -> bool:
+    """Whether ``run_dir`` holds a finished run (its summary.json) of exactly this config."""
+    from omegaconf import OmegaConf
+
+    from algos.run.config import load_config
+
+    if not (run_dir / "summary.json").exists() or not (run_dir / "config.yaml").exists():
+        return False
+    return OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")) == OmegaConf.to_container(
+        load_config(files, settings))
+
+
 def tune(args) -> dict:
     """Each run's (and the baseline's) learning rate: the one of ``--lrs`` whose ``--tune-seed`` run ends with the best
     quality on the held-out rows. Returns ``{"metric", "quality": {run: {lr: value}}, "chosen": {run: lr}}``."""
     recipes = dict(zip(args.runs, write_run_recipes(args, folder="tune/recipes"), strict=True))
-    jobs = {}
+    jobs, folder = {}, Path(args.out) / "tune"
     for lr in args.lrs:
         for name in [BASELINE, *args.runs]:
             files = [str(BASE)] + ([recipes[name]] if name in recipes else [])
-            out = Path(args.out) / "tune" / f"{name}_lr{lr:g}"
+            out = folder / f"{name}_lr{lr:g}"
             settings = [*overrides(args, args.tune_seed), f"optimizer.lr={lr}",
                         f"trainer.eval_interval={args.batches}ba", f"run.name={out.name}", f"run.dir={out}",
                         "run.overwrite=true"]
-            jobs[name, lr] = (files, settings)
+            if not finished_as(out, files, settings):  # a finished run of the same config is not trained again
+                jobs[name, lr] = (files, settings)
     threads, start, waiting, running = max(1, torch.get_num_threads() // args.tune_jobs), time.perf_counter(), list(
         jobs), []
     while waiting or running:  # at most --tune-jobs at once
@@ -136,9 +149,9 @@ def tune(args) -> dict:
         key, process = running.pop(0)
         if process.wait() != 0:
             raise SystemExit(f"tuning run {key[0]} at lr {key[1]:g} failed:\n{process.stderr.read()[-3000:]}")
-    metrics = {key: json.loads((Path(args.out) / "tune" / f"{key[0]}_lr{key[1]:g}" / "summary.json").read_text())[
-        "metrics"] for key in jobs}
-    metric = main_metric([{"metrics": m} for m in metrics.values()])
+    metrics = {(name, lr): json.loads((folder / f"{name}_lr{lr:g}" / "summary.json").read_text())["metrics"]
+               for lr in args.lrs for name in [BASELINE, *args.runs]}
+    metric = args.metric or main_metric([{"metrics": m} for m in metrics.values()])
     higher = higher_is_better(metric)
     quality = {name: {f"{lr:g}": metrics[name, lr].get(metric) for lr in args.lrs} for name in [BASELINE, *args.runs]}
     chosen = {name: float((max if higher else min)((lr for lr, value in values.items() if value is not None),
@@ -147,19 +160,6 @@ def tune(args) -> dict:
     tuned = {"metric": metric, "seed": args.tune_seed, "quality": quality, "chosen": chosen}
     (Path(args.out) / "tune.json").write_text(json.dumps(tuned, indent=1))
     return tuned
-
-
-def earlier_tuning(args, path: Path) -> dict | None:
-    """``--out``'s tune.json when it tuned the same runs over the same rates on the same seed (so that timed seeds can
-    be run again without tuning again), else None."""
-    if not path.exists():
-        return None
-    tuned = json.loads(path.read_text())
-    same = (tuned["seed"] == args.tune_seed and set(tuned["quality"]) == {BASELINE, *args.runs}
-            and all(set(values) == {f"{lr:g}" for lr in args.lrs} for values in tuned["quality"].values()))
-    if same:
-        print(f"learning rates from {path} (tuned earlier): {tuned['chosen']}", file=sys.stderr)
-    return tuned if same else None
 
 
 def tuning_table(tuned: dict) -> str:
@@ -229,7 +229,7 @@ def batches_ratio(run: dict, baseline: dict, metric: str) -> float | None:
 
 def report(results: dict[int, list[dict]], args) -> str:
     names = [s["name"] for s in next(iter(results.values()))]
-    metric = main_metric(next(iter(results.values())))
+    metric = args.metric or main_metric(next(iter(results.values())))
     rows = []
     for name in names:
         runs = [next(s for s in summaries if s["name"] == name) for summaries in results.values()]
@@ -237,13 +237,14 @@ def report(results: dict[int, list[dict]], args) -> str:
                      zip(runs, results.values(), strict=True)]  # a group's first run is its baseline
         steps = [r for r in (batches_ratio(run, base, metric) for run, base in zip(runs, baselines, strict=True)
                              if run is not base) if r]
-        quality = [r["time_to_quality"] for r in runs if r.get("time_to_quality")]
-        reached = [q["time_to_baseline"] for q in quality if q["time_to_baseline"] is not None]
-        gaps = [q["gap"] for q in quality if q["gap"] is not None]
+        quality = [time_to_quality(run, base, metric) for run, base in zip(runs, baselines, strict=True)
+                   if run is not base]
+        reached = [q.time_to_baseline for q in quality if q.time_to_baseline is not None]
+        gaps = [q.gap for q in quality if q.gap is not None]
         rows.append([name, spread([r["metrics"].get(metric, float("nan")) for r in runs], ".4f", ""),
                      spread([r["speedup"] for r in runs]),
                      "baseline" if not quality else spread(steps),
-                     "baseline" if not quality else spread([q["speedup"] for q in quality if q["speedup"]]),
+                     "baseline" if not quality else spread([q.speedup for q in quality if q.speedup]),
                      "baseline" if not quality else (
                          f"{len(reached)} of {len(quality)} seeds" + (f", {spread(reached, '.0f', ' s')}" if reached
                                                                        else "")
@@ -259,13 +260,13 @@ def report(results: dict[int, list[dict]], args) -> str:
                         f"speed-up at matched {metric}", f"reached the baseline's final {metric}"], rows), ""])
 
 
-def plot(results: dict[int, list[dict]], path: str) -> None:
+def plot(results: dict[int, list[dict]], path: str, metric: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = main_metric(next(iter(results.values())))
+    metric = metric or main_metric(next(iter(results.values())))
     figure, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
     for axis, (seed, summaries) in zip(axes[0], results.items(), strict=True):
         for summary in summaries:
@@ -297,6 +298,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096, help="WordPiece vocabulary (trained on the text)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of the text (all of it is "
                         "evaluated each time)")
+    parser.add_argument("--metric", default=None, help="the quality judged and tuned on (default: the accuracy), "
+                        "e.g. LanguageCrossEntropy: the held-out masked-LM loss, finer than the accuracy early on")
     parser.add_argument("--lrs", default=None, type=lambda s: [float(x) for x in s.split(",")],
                         help="tune each run's learning rate (the baseline's too) over these first, e.g. 5e-4,1e-3,2e-3")
     parser.add_argument("--tune-seed", type=int, default=0, help="--lrs: the seed the rates are tuned on")
@@ -313,13 +316,14 @@ def main() -> None:
     tuning = Path(args.out) / "tune.json"
     if args.from_results:  # the tables and plot again from a finished benchmark's --out
         tuned = json.loads(tuning.read_text()) if tuning.exists() else None
+        args.metric = args.metric or (tuned or {}).get("metric")  # judged on what it was tuned on
         results = {int(path.parent.name.removeprefix("seed")): json.loads(path.read_text())
                    for path in sorted(Path(args.out).glob("seed*/results.json"))}
     else:
-        tuned = (earlier_tuning(args, tuning) or tune(args)) if args.lrs else None
+        tuned = tune(args) if args.lrs else None
         results = run_seeds(args, tuned)
     if args.plot:
-        plot(results, args.plot)
+        plot(results, args.plot, args.metric)
     if tuned:
         print(tuning_table(tuned))
     print(report(results, args))

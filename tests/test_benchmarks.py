@@ -1,7 +1,6 @@
 """The benchmark scripts still run (tiny sizes, one repeat; nothing about their timings is asserted: the machine is
 shared and noisy, and speed is checked by running them, see docs/BENCHMARKS.md)."""
 
-import argparse
 import importlib.util
 import json
 import subprocess
@@ -72,20 +71,21 @@ def test_time_to_quality_benchmark_judges_each_recipe_against_its_seed_baseline(
     out = run_benchmark("benchmarks/time_to_quality.py", "--batches", "2", "--eval-every", "1", "--seeds", "0",
                         "--runs", "fff_leaf", "--layers", "2", "--width", "128", "--seq-len", "32", "--vocab",
                         "512", "--out", str(tmp_path / "runs"), "--plot", str(plot), "--lrs", "1e-4,3e-3",
-                        "--tune-jobs", "2")
+                        "--tune-jobs", "2", "--metric", "LanguageCrossEntropy")
     assert "| bert_base_mlm " in out and "| baseline " in out
     # tuning: each run (the baseline too) keeps the rate its tuning run ended best with, and the timed runs use it
     tuned = json.loads((tmp_path / "runs" / "tune.json").read_text())
     assert set(tuned["quality"]) == {"baseline", "fff_leaf"}
     for name, values in tuned["quality"].items():
         assert set(values) == {"0.0001", "0.003"}
-        assert values[f"{tuned['chosen'][name]:g}"] == max(values.values())
+        assert values[f"{tuned['chosen'][name]:g}"] == min(values.values())  # a loss: lower is better
         run = "bert_base_mlm" + ("" if name == "baseline" else f"+{name}")
         timed = OmegaConf.load(tmp_path / "runs" / "seed0" / run / "config.yaml")
         assert timed.optimizer.lr == tuned["chosen"][name] and timed.optimizer.name == "decoupled_adamw"
         tuning = json.loads((tmp_path / "runs" / "tune" / f"{name}_lr0.003" / "summary.json").read_text())
         assert tuning["batches"] == 2 and len(tuning["history"]["eval"]) == 1  # one evaluation, at the end
-    assert "Learning rate per run: final MaskedAccuracy on seed 0" in out
+    assert "Learning rate per run: final LanguageCrossEntropy on seed 0" in out
+    assert "| speed-up at matched LanguageCrossEntropy " in out  # judged on --metric, not the accuracy
     row = [line for line in out.splitlines() if line.startswith("| bert_base_mlm+fff_leaf ")][-1]  # compare's first
     assert "of 1 seeds" in row  # judged against the baseline: reached it, or the final gap
     leaf = OmegaConf.load(tmp_path / "runs" / "recipes" / "fff_leaf.yaml").algorithms.fff  # the run's own settings
@@ -113,16 +113,18 @@ def test_export_benchmark_runs_every_surgery_in_onnxruntime_and_agrees_with_eage
     assert all(float(row[-1]) < 1e-4 for row in rows)  # every ONNX model computes what its eager model does
 
 
-def test_time_to_quality_reuses_a_tuning_only_for_the_same_runs_rates_and_seed(tmp_path):
+def test_time_to_quality_reuses_a_tuning_run_only_when_its_config_is_the_same(tmp_path):
+    from algos.run.config import load_config
+
     spec = importlib.util.spec_from_file_location("time_to_quality", ROOT / "benchmarks" / "time_to_quality.py")
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
-    tuned = {"metric": "MaskedAccuracy", "seed": 0, "chosen": {"baseline": 0.001, "fnet": 0.002},
-             "quality": {name: {"0.001": 0.2, "0.002": 0.1} for name in ("baseline", "fnet")}}
-    path = tmp_path / "tune.json"
-    path.write_text(json.dumps(tuned))
-    same = argparse.Namespace(runs=["fnet"], lrs=[1e-3, 2e-3], tune_seed=0)
-    assert benchmark.earlier_tuning(same, path) == tuned
-    for other in ({"runs": ["fnet", "fff"]}, {"lrs": [1e-3, 4e-3]}, {"tune_seed": 1}):
-        assert benchmark.earlier_tuning(argparse.Namespace(**{**vars(same), **other}), path) is None
-    assert benchmark.earlier_tuning(same, tmp_path / "missing.json") is None
+    files, settings = [str(benchmark.BASE)], ["optimizer.lr=0.001", "trainer.max_duration=300ba"]
+    run_dir = tmp_path / "baseline_lr0.001"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(load_config(files, settings)))
+    assert not benchmark.finished_as(run_dir, files, settings)  # no summary.json: it did not finish
+    (run_dir / "summary.json").write_text("{}")
+    assert benchmark.finished_as(run_dir, files, settings)
+    assert not benchmark.finished_as(run_dir, files, ["optimizer.lr=0.002", "trainer.max_duration=300ba"])
+    assert not benchmark.finished_as(run_dir, [*files, str(ROOT / "recipes" / "fnet.yaml")], settings)
