@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/time_to_quality.py --out runs/ttq --plot docs/time_to_quality.png   # minutes per run
     .venv/bin/python benchmarks/time_to_quality.py --out runs/ttq_tuned --batches 300 --eval-every 30 \
-        --lrs 2.5e-4,5e-4,1e-3 --tune-jobs 2 --metric LanguageCrossEntropy   # learning rates tuned first
+        --lrs 2.5e-4,5e-4,1e-3 --bracket 2 --tune-jobs 2 --metric LanguageCrossEntropy   # learning rates tuned first
     .venv/bin/python benchmarks/time_to_quality.py --batches 2 --eval-every 1 --seeds 0 --runs fnet_hybrid  # smoke
     .venv/bin/python benchmarks/time_to_quality.py --task digits --out runs/ttq_digits   # about a minute per seed
 
@@ -23,13 +23,16 @@ the baseline included, is tuned the same way first: trained once per learning ra
 and schedule, one evaluation at the end), it keeps the rate with the best final quality (``--out/tune.json``), written
 into its recipe (and the baseline's into a copy of the base YAML) for the timed seeds. Run again with the same
 ``--out``, a tuning run already finished with the same config is not trained again (a wider grid costs only the new
-rates). Tuning times nothing, so its runs may share the cores (``--tune-jobs``); the timed seeds run one at a time.
+rates). A run whose best rate is the grid's highest (lowest) is tried at double (half) that, up to ``--bracket`` times,
+so that no run is held back by where the grid happens to end. Tuning times nothing, so its runs may share the cores
+(``--tune-jobs``); the timed seeds run one at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -126,13 +129,30 @@ def finished_as(run_dir: Path, files: list[str], settings: list[str]) -> bool:
         load_config(files, settings))
 
 
-def tune(args) -> dict:
-    """Each run's (and the baseline's) learning rate: the one of ``--lrs`` whose ``--tune-seed`` run ends with the best
-    quality on the held-out rows. Returns ``{"metric", "quality": {run: {lr: value}}, "chosen": {run: lr}}``."""
-    recipes = dict(zip(args.runs, write_run_recipes(args, folder="tune/recipes"), strict=True))
-    jobs, folder = {}, Path(args.out) / "tune"
-    for lr in args.lrs:
-        for name in [BASELINE, *args.runs]:
+def rates_beyond_the_edge(quality: dict[str, dict[str, float | None]], higher: bool, factor: float = 2.0
+                          ) -> dict[str, float]:
+    """For each run whose best rate is the highest (lowest) it was tried at, the next rate up (down) by ``factor``:
+    a best rate on the edge of the grid is not known to be the best, so the grid is widened until it is bracketed.
+    Failed or non-finite results (a diverged run) count as worst."""
+    extra = {}
+    for name, values in quality.items():
+        finite = {float(lr): value for lr, value in values.items() if value is not None and math.isfinite(value)}
+        if not finite:
+            continue
+        best = (max if higher else min)(finite, key=finite.__getitem__)
+        tried = [float(lr) for lr in values]
+        if best == max(tried):
+            extra[name] = best * factor
+        elif best == min(tried):
+            extra[name] = best / factor
+    return extra
+
+
+def _tuning_jobs(args, folder: Path, recipes: dict, rates: dict[str, list[float]]) -> dict:
+    """(run, lr) -> (files, settings) of every tuning run not already finished with the same config."""
+    jobs = {}
+    for name, lrs in rates.items():
+        for lr in lrs:
             files = [str(BASE)] + ([recipes[name]] if name in recipes else [])
             out = folder / f"{name}_lr{lr:g}"
             settings = [*overrides(args, args.tune_seed), f"optimizer.lr={lr}",
@@ -140,24 +160,49 @@ def tune(args) -> dict:
                         "run.overwrite=true"]
             if not finished_as(out, files, settings):  # a finished run of the same config is not trained again
                 jobs[name, lr] = (files, settings)
-    threads, start, waiting, running = max(1, torch.get_num_threads() // args.tune_jobs), time.perf_counter(), list(
-        jobs), []
-    while waiting or running:  # at most --tune-jobs at once
-        while waiting and len(running) < args.tune_jobs:
+    return jobs
+
+
+def _train_all(jobs: dict, parallel: int) -> None:
+    """Train ``jobs``, at most ``parallel`` at once, each with its share of the threads."""
+    threads, waiting, running = max(1, torch.get_num_threads() // parallel), list(jobs), []
+    while waiting or running:
+        while waiting and len(running) < parallel:
             key = waiting.pop(0)
             running.append((key, _train(*jobs[key], threads)))
         key, process = running.pop(0)
         if process.wait() != 0:
             raise SystemExit(f"tuning run {key[0]} at lr {key[1]:g} failed:\n{process.stderr.read()[-3000:]}")
-    metrics = {(name, lr): json.loads((folder / f"{name}_lr{lr:g}" / "summary.json").read_text())["metrics"]
-               for lr in args.lrs for name in [BASELINE, *args.runs]}
-    metric = args.metric or main_metric([{"metrics": m} for m in metrics.values()])
-    higher = higher_is_better(metric)
-    quality = {name: {f"{lr:g}": metrics[name, lr].get(metric) for lr in args.lrs} for name in [BASELINE, *args.runs]}
-    chosen = {name: float((max if higher else min)((lr for lr, value in values.items() if value is not None),
-                                                   key=values.__getitem__)) for name, values in quality.items()}
+
+
+def tune(args) -> dict:
+    """Each run's (and the baseline's) learning rate: the one whose ``--tune-seed`` run ends with the best quality on
+    the held-out rows, over ``--lrs`` widened by up to ``--bracket`` doublings (halvings) for runs whose best rate is
+    still on the grid's edge. Returns ``{"metric", "quality": {run: {lr: value}}, "chosen": {run: lr}}``."""
+    names = [BASELINE, *args.runs]
+    recipes = dict(zip(args.runs, write_run_recipes(args, folder="tune/recipes"), strict=True))
+    folder, start = Path(args.out) / "tune", time.perf_counter()
+    rates = {name: sorted(args.lrs) for name in names}
+    for widening in range(args.bracket + 1):
+        _train_all(_tuning_jobs(args, folder, recipes, rates), args.tune_jobs)
+        metrics = {(name, lr): json.loads((folder / f"{name}_lr{lr:g}" / "summary.json").read_text())["metrics"]
+                   for name in names for lr in rates[name]}
+        metric = args.metric or main_metric([{"metrics": m} for m in metrics.values()])
+        higher = higher_is_better(metric)
+        quality = {name: {f"{lr:g}": metrics[name, lr].get(metric) for lr in sorted(rates[name])} for name in names}
+        extra = rates_beyond_the_edge(quality, higher)
+        if widening == args.bracket or not extra:
+            break
+        print(time.strftime("%H:%M:%S"), "widening the grid:",
+              ", ".join(f"{name} {lr:g}" for name, lr in extra.items()), file=sys.stderr)
+        for name, lr in extra.items():
+            rates[name].append(lr)
+    chosen = {name: float((max if higher else min)(
+        (lr for lr, value in values.items() if value is not None and math.isfinite(value)), key=values.__getitem__))
+        for name, values in quality.items()}
     print(time.strftime("%H:%M:%S"), f"tuning in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    tuned = {"metric": metric, "seed": args.tune_seed, "quality": quality, "chosen": chosen}
+    tuned = {"metric": metric, "seed": args.tune_seed, "quality": quality, "chosen": chosen,
+             "on_edge": sorted(extra)}  # runs whose best rate is still the grid's highest or lowest
     (Path(args.out) / "tune.json").write_text(json.dumps(tuned, indent=1))
     return tuned
 
@@ -302,6 +347,8 @@ def main() -> None:
                         "e.g. LanguageCrossEntropy: the held-out masked-LM loss, finer than the accuracy early on")
     parser.add_argument("--lrs", default=None, type=lambda s: [float(x) for x in s.split(",")],
                         help="tune each run's learning rate (the baseline's too) over these first, e.g. 5e-4,1e-3,2e-3")
+    parser.add_argument("--bracket", type=int, default=0, help="--lrs: up to this many more rates per run, each "
+                        "double (half) the best so far while that is the highest (lowest) tried")
     parser.add_argument("--tune-seed", type=int, default=0, help="--lrs: the seed the rates are tuned on")
     parser.add_argument("--tune-jobs", type=int, default=1, help="--lrs: tuning runs at once (each gets the threads / "
                         "this); tuning times nothing")

@@ -71,13 +71,16 @@ def test_time_to_quality_benchmark_judges_each_recipe_against_its_seed_baseline(
     out = run_benchmark("benchmarks/time_to_quality.py", "--batches", "2", "--eval-every", "1", "--seeds", "0",
                         "--runs", "fff_leaf", "--layers", "2", "--width", "128", "--seq-len", "32", "--vocab",
                         "512", "--out", str(tmp_path / "runs"), "--plot", str(plot), "--lrs", "1e-4,3e-3",
-                        "--tune-jobs", "2", "--metric", "LanguageCrossEntropy")
+                        "--bracket", "1", "--tune-jobs", "2", "--metric", "LanguageCrossEntropy")
     assert "| bert_base_mlm " in out and "| baseline " in out
     # tuning: each run (the baseline too) keeps the rate its tuning run ended best with, and the timed runs use it
     tuned = json.loads((tmp_path / "runs" / "tune.json").read_text())
     assert set(tuned["quality"]) == {"baseline", "fff_leaf"}
     for name, values in tuned["quality"].items():
-        assert set(values) == {"0.0001", "0.003"}
+        # --bracket 1: a run whose best of the grid is on its edge is tried once more, beyond that edge
+        grid = {"0.0001": values["0.0001"], "0.003": values["0.003"]}
+        best_of_grid = min(grid, key=grid.__getitem__)
+        assert set(values) == {*grid, {"0.0001": "5e-05", "0.003": "0.006"}[best_of_grid]}
         assert values[f"{tuned['chosen'][name]:g}"] == min(values.values())  # a loss: lower is better
         run = "bert_base_mlm" + ("" if name == "baseline" else f"+{name}")
         timed = OmegaConf.load(tmp_path / "runs" / "seed0" / run / "config.yaml")
@@ -113,12 +116,29 @@ def test_export_benchmark_runs_every_surgery_in_onnxruntime_and_agrees_with_eage
     assert all(float(row[-1]) < 1e-4 for row in rows)  # every ONNX model computes what its eager model does
 
 
-def test_time_to_quality_reuses_a_tuning_run_only_when_its_config_is_the_same(tmp_path):
-    from algos.run.config import load_config
-
+def _time_to_quality_module():
     spec = importlib.util.spec_from_file_location("time_to_quality", ROOT / "benchmarks" / "time_to_quality.py")
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_time_to_quality_widens_the_learning_rate_grid_only_past_an_edge_that_won():
+    widen = _time_to_quality_module().rates_beyond_the_edge
+    losses = {"top": {"0.00025": 5.1, "0.0005": 5.0, "0.001": 4.9},  # best at the highest rate: try double
+              "bottom": {"0.00025": 4.8, "0.0005": 5.0, "0.001": 5.4},  # best at the lowest: try half
+              "inside": {"0.00025": 5.1, "0.0005": 4.9, "0.001": 5.4},  # bracketed: nothing more
+              "diverged": {"0.00025": 5.1, "0.0005": 5.0, "0.001": float("nan")},  # NaN is worst, not best
+              "failed": {"0.00025": None, "0.0005": None}}  # nothing to go on
+    assert widen(losses, higher=False) == {"top": 0.002, "bottom": 0.000125}
+    accuracies = {"top": {"0.0005": 0.1, "0.001": 0.2}}
+    assert widen(accuracies, higher=True) == {"top": 0.002} and widen(accuracies, higher=False) == {"top": 0.00025}
+
+
+def test_time_to_quality_reuses_a_tuning_run_only_when_its_config_is_the_same(tmp_path):
+    from algos.run.config import load_config
+
+    benchmark = _time_to_quality_module()
     files, settings = [str(benchmark.BASE)], ["optimizer.lr=0.001", "trainer.max_duration=300ba"]
     run_dir = tmp_path / "baseline_lr0.001"
     run_dir.mkdir()
