@@ -51,7 +51,7 @@ from algos.run.quality import higher_is_better, quality_curve, time_to_quality, 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# name -> (recipes/ files, settings of their algorithms; "{width}" is --width)
+# name -> (recipes/ files, settings of their algorithms: of the first one's unless named; "{width}" is --width)
 RUNS = {
     "fnet_hybrid": (["fnet_hybrid"], []),  # Fourier mixing in all layers but the last two
     "fnet": (["fnet"], []),  # Fourier mixing in every layer
@@ -63,6 +63,8 @@ RUNS = {
     "factorize": (["factorize"], ["apply_at=null", "init=svd"]),  # rank 25% from the first step
     "factorize_half": (["factorize"], []),  # rank 25% at half time, activation-aware from the trained layers
     "fnet_hybrid_fff": (["fnet_hybrid", "fff"], []),  # both of the above, from the first step
+    # the two that gained most once their rates were tuned: all-FNet, and Factorize at INIT on what attention leaves
+    "fnet_factorize": (["fnet", "factorize"], ["factorize.apply_at=null", "factorize.init=svd"]),
 }
 
 
@@ -83,9 +85,10 @@ def write_run_recipes(args, lrs: dict[str, float] | None = None, folder: str = "
             raise SystemExit(f"--runs: {name!r} is not a run; valid: {', '.join(RUNS)}")
         files, settings = RUNS[name]
         config = OmegaConf.merge(*(OmegaConf.load(ROOT / "recipes" / f"{f}.yaml") for f in files))
-        algorithm = next(iter(config.algorithms)) if settings else None  # settings are for the first one's
+        first = next(iter(config.algorithms))  # a setting is the first algorithm's unless it names its algorithm
         config = OmegaConf.merge(config, OmegaConf.from_dotlist(
-            [f"algorithms.{algorithm}.{s.format(width=args.width)}" for s in settings]))
+            [f"algorithms.{s if s.split('.')[0] in config.algorithms else f'{first}.{s}'}".format(width=args.width)
+             for s in settings]))
         tuned = f"; learning rate {lrs[name]:g} (tuned)" if lrs else ""
         if lrs:
             config.optimizer = {"lr": lrs[name]}  # merged over the base YAML's optimizer: only the rate changes

@@ -1,6 +1,7 @@
 """The benchmark scripts still run (tiny sizes, one repeat; nothing about their timings is asserted: the machine is
 shared and noisy, and speed is checked by running them, see docs/BENCHMARKS.md)."""
 
+import argparse
 import importlib.util
 import json
 import subprocess
@@ -133,6 +134,18 @@ def test_time_to_quality_widens_the_learning_rate_grid_only_past_an_edge_that_wo
     assert widen(losses, higher=False) == {"top": 0.002, "bottom": 0.000125}
     accuracies = {"top": {"0.0005": 0.1, "0.001": 0.2}}
     assert widen(accuracies, higher=True) == {"top": 0.002} and widen(accuracies, higher=False) == {"top": 0.00025}
+
+
+def test_time_to_quality_run_recipes_apply_each_setting_to_its_algorithm(tmp_path):
+    benchmark = _time_to_quality_module()
+    args = argparse.Namespace(out=str(tmp_path), runs=["fnet_factorize", "fff_leaf"], width=96)
+    combined, leaf = (OmegaConf.load(path) for path in benchmark.write_run_recipes(args, {"fnet_factorize": 1e-3,
+                                                                                          "fff_leaf": 2e-3}))
+    assert list(combined.algorithms) == ["fnet", "factorize"]  # attention gone before Factorize picks its layers
+    assert combined.algorithms.factorize.apply_at is None and combined.algorithms.factorize.init == "svd"
+    assert combined.algorithms.fnet == OmegaConf.load(ROOT / "recipes" / "fnet.yaml").algorithms.fnet  # untouched
+    assert leaf.algorithms.fff.leaf_width == 96 and leaf.algorithms.fff.form == "leaf"  # the first one's, unnamed
+    assert (combined.optimizer.lr, leaf.optimizer.lr) == (1e-3, 2e-3)
 
 
 def test_time_to_quality_reuses_a_tuning_run_only_when_its_config_is_the_same(tmp_path):
