@@ -275,6 +275,25 @@ def batches_ratio(run: dict, baseline: dict, metric: str) -> float | None:
     return theirs / ours if theirs and ours else None
 
 
+def trained(results: dict[int, list[dict]], args) -> str:
+    """What the runs trained, read from the first run's resolved config (so that ``--from-results`` describes the
+    runs it reads, not its own defaults); the arguments where that config is gone."""
+    from omegaconf import OmegaConf
+
+    path = Path(next(iter(results.values()))[0]["run_dir"]) / "config.yaml"
+    if not path.exists():
+        return (f"digits MLP and ViT, {args.epochs} epochs" if args.task == "digits" else
+                f"BERT {args.layers} x {args.width}, masked LM, vocabulary {args.vocab}, batch {args.batch_size} x "
+                f"{args.seq_len}, {args.batches} batches, eval every {args.eval_every}")
+    config = OmegaConf.load(path)
+    if "config" not in config.model:
+        return f"digits MLP and ViT, {config.trainer.max_duration}"
+    bert = config.model.config
+    return (f"BERT {bert.num_hidden_layers} x {bert.hidden_size}, masked LM, vocabulary {bert.vocab_size}, batch "
+            f"{config.data.batch_size} x {config.data.seq_len}, {config.trainer.max_duration}, eval every "
+            f"{config.trainer.eval_interval}")
+
+
 def report(results: dict[int, list[dict]], args) -> str:
     names = [s["name"] for s in next(iter(results.values()))]
     metric = args.metric or main_metric(next(iter(results.values())))
@@ -297,11 +316,9 @@ def report(results: dict[int, list[dict]], args) -> str:
                          f"{len(reached)} of {len(quality)} seeds" + (f", {spread(reached, '.0f', ' s')}" if reached
                                                                        else "")
                          + (f"; final gap {spread(gaps, '+.4f', '')}" if gaps else ""))])
-    task = (f"digits MLP and ViT, {args.epochs} epochs" if args.task == "digits" else
-            f"BERT {args.layers} x {args.width}, masked LM, vocabulary {args.vocab}, batch {args.batch_size} x "
-            f"{args.seq_len}, {args.batches} batches, eval every {args.eval_every}")
     return "\n".join([
-        f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads; {task}; seeds {list(results)} "
+        f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads; {trained(results, args)}; "
+        f"seeds {list(results)} "
         f"(median, range)\n",
         markdown_table(["run", f"final {metric}", "training throughput vs baseline",
                         "baseline's batches / run's to the run's final quality",

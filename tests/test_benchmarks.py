@@ -100,6 +100,8 @@ def test_time_to_quality_benchmark_judges_each_recipe_against_its_seed_baseline(
     again = run_benchmark("benchmarks/time_to_quality.py", "--from-results", "--out", str(tmp_path / "runs"))
     table = [line for line in out.splitlines() if line.startswith(("| bert_base_mlm", "| baseline", "| f"))][-4:]
     assert [line for line in again.splitlines() if line.startswith(("| bert_base_mlm", "| baseline", "| f"))] == table
+    header = [line for line in out.splitlines() if "BERT 2 x 128, masked LM, vocabulary 512" in line]
+    assert header and header[-1] in again.splitlines()  # the runs it read, not --from-results' own defaults
 
 
 @pytest.mark.slow
