@@ -90,6 +90,7 @@ def test_time_to_quality_benchmark_judges_each_recipe_against_its_seed_baseline(
         assert tuning["batches"] == 2 and len(tuning["history"]["eval"]) == 1  # one evaluation, at the end
     assert "Learning rate per run: final LanguageCrossEntropy on seed 0" in out
     assert "| speed-up at matched LanguageCrossEntropy " in out  # judged on --metric, not the accuracy
+    assert "| speed-up to the baseline's final LanguageCrossEntropy " in out  # Composer's other reading
     row = [line for line in out.splitlines() if line.startswith("| bert_base_mlm+fff_leaf ")][-1]  # compare's first
     assert "of 1 seeds" in row  # judged against the baseline: reached it, or the final gap
     leaf = OmegaConf.load(tmp_path / "runs" / "recipes" / "fff_leaf.yaml").algorithms.fff  # the run's own settings
